@@ -1,0 +1,225 @@
+"""The one validation step: resolve defaults, derive batch arithmetic, reject illegal settings.
+
+`validate()` returns a new `JobConfig` with every "0 / -1 means derived" default resolved and
+`derived` filled. Problems are collected per phase and raised together as one `ConfigError`, each
+line naming the dotted key(s) and the fix. Later phases divide by values the earlier ones check,
+so a phase only runs when the one before it passed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+
+from calm_dist.config.errors import ConfigError
+from calm_dist.config.schema import DerivedConfig, JobConfig
+
+
+class _Problems:
+    """Collects failed checks so a user sees every problem of a phase at once."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def require(self, ok: bool, message: str) -> None:
+        if not ok:
+            self.lines.append(message)
+
+    def raise_if_any(self) -> None:
+        if len(self.lines) == 1:
+            raise ConfigError(self.lines[0])
+        if self.lines:
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(self.lines))
+
+
+def validate(cfg: JobConfig, world_size: int = 1) -> JobConfig:
+    """Return a validated copy of `cfg` for `world_size` ranks; `cfg` itself is left unchanged."""
+    cfg = copy.deepcopy(cfg)
+    cfg.derived = None
+    for phase in (_check_ranges, _check_stage, _check_model, _check_parallel):
+        problems = _Problems()
+        phase(cfg, world_size, problems)
+        problems.raise_if_any()
+    _resolve_defaults(cfg)
+    return dataclasses.replace(cfg, derived=_derive(cfg, world_size))
+
+
+# Single-field bounds, by dotted key.
+_POSITIVE = (
+    "model.vocab_size", "model.hidden_size", "model.intermediate_size", "model.num_layers",
+    "model.num_attention_heads", "model.max_position_embeddings", "model.patch_size",
+    "model.latent_size", "model.noise_size", "model.energy_chunk_positions", "model.rope_theta",
+    "model.rms_norm_eps", "model.init_std", "autoencoder.patch_size", "autoencoder.latent_size",
+    "autoencoder.hidden_size", "autoencoder.rms_norm_eps", "autoencoder.init_std", "data.seq_length",
+    "training.micro_batch_size", "training.save_interval", "training.eval_interval",
+    "training.keep_last", "logging.log_interval", "parallel.tensor_parallel",
+    "parallel.pipeline_parallel", "optimizer.lr", "optimizer.eps",
+)
+_NON_NEGATIVE = (
+    "model.num_query_groups", "model.num_mlp_layers", "autoencoder.vocab_size",
+    "autoencoder.intermediate_size", "autoencoder.kl_weight", "autoencoder.kl_clamp",
+    "data.num_workers", "training.global_batch_size", "training.gradient_accumulation_steps",
+    "training.train_steps", "training.eval_steps", "optimizer.min_lr", "optimizer.warmup_steps",
+    "optimizer.weight_decay", "optimizer.grad_clip",
+)
+_UNIT_INTERVAL = (  # [0, 1)
+    "model.attention_dropout", "model.hidden_dropout", "autoencoder.token_dropout",
+    "autoencoder.latent_dropout", "optimizer.beta1", "optimizer.beta2",
+)
+
+
+def _get(cfg: JobConfig, dotted: str):
+    section, name = dotted.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _check_ranges(cfg: JobConfig, world_size: int, p: _Problems) -> None:
+    """Single-field bounds: sizes positive, probabilities and betas in range."""
+    m, ae, opt = cfg.model, cfg.autoencoder, cfg.optimizer
+    for key in _POSITIVE:
+        p.require(_get(cfg, key) > 0, f"{key} must be > 0, got {_get(cfg, key)}")
+    for key in _NON_NEGATIVE:
+        p.require(_get(cfg, key) >= 0, f"{key} must be >= 0, got {_get(cfg, key)}")
+    for key in _UNIT_INTERVAL:
+        p.require(0 <= _get(cfg, key) < 1, f"{key} must be in [0, 1), got {_get(cfg, key)}")
+    p.require(opt.min_lr <= opt.lr, f"optimizer.min_lr ({opt.min_lr}) must be <= optimizer.lr ({opt.lr})")
+    p.require(0 < m.beta < 2, f"model.beta must be in (0, 2) for a strictly proper energy score "
+                              f"(2 is only proper and collapses the head; CALM.md §5.2), got {m.beta}")
+    p.require(m.num_samples >= 2, f"model.num_samples must be >= 2: the energy loss's diversity term "
+                                  f"compares two head samples, got {m.num_samples}")
+    p.require(m.num_target_samples >= 1, f"model.num_target_samples must be >= 1, got {m.num_target_samples}")
+    for key, n in (("autoencoder.num_encoder_layers", ae.num_encoder_layers),
+                   ("autoencoder.num_decoder_layers", ae.num_decoder_layers)):
+        p.require(n >= 2 and n % 2 == 0, f"{key} must be even and >= 2 (half before, half after the "
+                                         f"squeeze/expand; CALM.md §9.5), got {n}")
+    p.require(cfg.parallel.zero_stage in (0, 1, 2, 3),
+              f"parallel.zero_stage must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage}")
+    p.require(world_size >= 1, f"world_size must be >= 1, got {world_size}")
+    p.require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.training.device) is not None,
+              f"training.device must be auto, cpu or cuda[:N], got {cfg.training.device!r}")
+
+
+def _check_model(cfg: JobConfig, world_size: int, p: _Problems) -> None:
+    """Attention shapes and special-token ids."""
+    m, ae = cfg.model, cfg.autoencoder
+    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
+    p.require(m.hidden_size % heads == 0, f"model.hidden_size ({m.hidden_size}) must be divisible by "
+                                          f"model.num_attention_heads ({heads})")
+    p.require(heads % groups == 0, f"model.num_attention_heads ({heads}) must be divisible by "
+                                   f"model.num_query_groups ({groups})")
+    p.require((m.hidden_size // heads) % 2 == 0, f"head dim model.hidden_size / model.num_attention_heads "
+                                                 f"= {m.hidden_size // heads} must be even for RoPE")
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(m, name)
+        p.require(0 <= value < m.vocab_size, f"model.{name} ({value}) must be in [0, model.vocab_size "
+                                             f"= {m.vocab_size})")
+    ae_vocab = ae.vocab_size or m.vocab_size
+    mask = m.pad_token_id if ae.mask_token_id == -1 else ae.mask_token_id
+    p.require(0 <= mask < ae_vocab, f"autoencoder.mask_token_id ({ae.mask_token_id}) must be -1 (the PAD "
+                                    f"id) or in [0, autoencoder vocab = {ae_vocab})")
+
+
+def _check_stage(cfg: JobConfig, world_size: int, p: _Problems) -> None:
+    """Agreement between the language model, the autoencoder and the block length."""
+    m, ae, seq, stage = cfg.model, cfg.autoencoder, cfg.data.seq_length, cfg.training.stage
+    if stage in ("calm", "autoencoder"):
+        p.require(seq % m.patch_size == 0, f"data.seq_length ({seq}) must be a multiple of "
+                                           f"model.patch_size = K ({m.patch_size})")
+        p.require(m.patch_size == ae.patch_size, f"model.patch_size ({m.patch_size}) must equal "
+                                                 f"autoencoder.patch_size ({ae.patch_size})")
+        p.require(m.latent_size == ae.latent_size, f"model.latent_size ({m.latent_size}) must equal "
+                                                   f"autoencoder.latent_size ({ae.latent_size})")
+        p.require(ae.vocab_size in (0, m.vocab_size),
+                  f"autoencoder.vocab_size ({ae.vocab_size}) must be 0 or equal model.vocab_size "
+                  f"({m.vocab_size}): both models share one tokenizer")
+    if stage != "autoencoder":
+        steps = _steps_per_block(cfg)
+        p.require(m.max_position_embeddings >= steps,
+                  f"model.max_position_embeddings ({m.max_position_embeddings}) must be >= the {steps} "
+                  f"steps the model reads per block (data.seq_length"
+                  f"{' / model.patch_size' if stage == 'calm' else ''})")
+
+
+def _check_parallel(cfg: JobConfig, world_size: int, p: _Problems) -> None:
+    """The two supported regimes (ANCHORS.md §0) and the batch arithmetic."""
+    par, tr, m = cfg.parallel, cfg.training, cfg.model
+    tp, pp = par.tensor_parallel, par.pipeline_parallel
+    if par.regime == "zero3":
+        p.require(tp == 1 and pp == 1, f"parallel.regime zero3 requires parallel.tensor_parallel == "
+                                       f"parallel.pipeline_parallel == 1 (got {tp}, {pp}); use "
+                                       f"parallel.regime=3d for TP/PP")
+    if pp > 1 and par.zero_stage >= 2:
+        p.require(False, f"parallel.zero_stage {par.zero_stage} with parallel.pipeline_parallel {pp}: "
+                         f"DeepSpeed cannot combine ZeRO-2/3 with pipeline parallelism; use zero_stage <= 1")
+    elif par.regime == "3d":
+        p.require(par.zero_stage <= 1, f"parallel.regime 3d requires parallel.zero_stage <= 1, got "
+                                       f"{par.zero_stage}; use parallel.regime=zero3 for ZeRO-2/3")
+    p.require(not par.offload_optimizer or par.zero_stage >= 1,
+              "parallel.offload_optimizer needs parallel.zero_stage >= 1")
+    p.require(not par.sequence_parallel or tp > 1,
+              f"parallel.sequence_parallel requires parallel.tensor_parallel > 1, got {tp}")
+    if par.sequence_parallel and tp > 1:
+        steps = _steps_per_block(cfg)
+        p.require(steps % tp == 0, f"parallel.sequence_parallel splits the {steps} steps per block over "
+                                   f"parallel.tensor_parallel ({tp}); they must divide evenly")
+    groups = m.num_query_groups or m.num_attention_heads
+    p.require(m.num_attention_heads % tp == 0 and groups % tp == 0,
+              f"parallel.tensor_parallel ({tp}) must divide model.num_attention_heads "
+              f"({m.num_attention_heads}) and model.num_query_groups ({groups})")
+    p.require(m.num_layers % pp == 0, f"parallel.pipeline_parallel ({pp}) must divide model.num_layers "
+                                      f"({m.num_layers})")
+    if world_size % (tp * pp):
+        p.require(False, f"world size {world_size} must be divisible by parallel.tensor_parallel x "
+                         f"parallel.pipeline_parallel = {tp * pp}")
+        return
+    dp = world_size // (tp * pp)
+    per_step = tr.micro_batch_size * dp
+    if tr.global_batch_size and tr.global_batch_size % per_step:
+        p.require(False, f"training.global_batch_size ({tr.global_batch_size}) must be a multiple of "
+                         f"training.micro_batch_size x data-parallel size = {tr.micro_batch_size} x {dp} "
+                         f"= {per_step}; e.g. {per_step * max(1, tr.global_batch_size // per_step)}")
+    elif tr.global_batch_size and tr.gradient_accumulation_steps:
+        accum = tr.global_batch_size // per_step
+        p.require(accum == tr.gradient_accumulation_steps,
+                  f"training.gradient_accumulation_steps ({tr.gradient_accumulation_steps}) disagrees "
+                  f"with training.global_batch_size ({tr.global_batch_size}) / (micro {tr.micro_batch_size}"
+                  f" x dp {dp}) = {accum}; set one of them to 0 to derive it")
+
+
+def _resolve_defaults(cfg: JobConfig) -> None:
+    m, ae = cfg.model, cfg.autoencoder
+    ae.vocab_size = ae.vocab_size or m.vocab_size
+    ae.mask_token_id = m.pad_token_id if ae.mask_token_id == -1 else ae.mask_token_id
+    ae.intermediate_size = ae.intermediate_size or int(2.5 * ae.hidden_size)
+    m.num_query_groups = m.num_query_groups or m.num_attention_heads
+    m.num_mlp_layers = m.num_mlp_layers or max(1, m.num_layers // 4)
+
+
+def _steps_per_block(cfg: JobConfig) -> int:
+    seq = cfg.data.seq_length
+    return seq if cfg.training.stage == "baseline" else seq // cfg.model.patch_size
+
+
+def _derive(cfg: JobConfig, world_size: int) -> DerivedConfig:
+    tr, par, seq = cfg.training, cfg.parallel, cfg.data.seq_length
+    dp = world_size // (par.tensor_parallel * par.pipeline_parallel)
+    per_step = tr.micro_batch_size * dp
+    if tr.global_batch_size:
+        tr.gradient_accumulation_steps = tr.global_batch_size // per_step
+    else:
+        tr.gradient_accumulation_steps = tr.gradient_accumulation_steps or 1
+        tr.global_batch_size = per_step * tr.gradient_accumulation_steps
+    # A block holds the context plus one target step (CALM.md §9.7): K more tokens, or one for baseline.
+    target_tokens = 1 if tr.stage == "baseline" else cfg.model.patch_size
+    return DerivedConfig(
+        world_size=world_size,
+        data_parallel_size=dp,
+        gradient_accumulation_steps=tr.gradient_accumulation_steps,
+        global_batch_size=tr.global_batch_size,
+        head_blocks=cfg.model.num_mlp_layers,
+        ae_intermediate_size=cfg.autoencoder.intermediate_size,
+        block_tokens=seq + target_tokens,
+        steps_per_block=_steps_per_block(cfg),
+        tokens_per_step=tr.global_batch_size * seq,
+    )

@@ -1,0 +1,1 @@
+"""Text corpora and tokenizers (the WebDataset pipeline builds on these)."""

@@ -1,0 +1,174 @@
+"""The Llama-style decoder shared by CALM and the token baseline (CALM.md §2.3).
+
+RMSNorm, SwiGLU MLP, RoPE over step positions (chunks for CALM, tokens for the baseline), no
+biases, MHA or GQA, built from megatron-core's `TransformerBlock`. Input embeddings in, hidden
+states after the final RMSNorm out (CALM.md §9.6); embedding tables and output heads belong to
+the models that use it. It knows nothing of distribution: megatron's parallel state must exist
+before it is built (`calm_dist.parallel.state.ensure_model_parallel` outside a launched job).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import init_method_normal
+
+from calm_dist.config.schema import ModelConfig
+from calm_dist.models.attention import CORE_ATTENTION, resolve_attention_backend
+
+
+def _num_query_groups(cfg: ModelConfig) -> int:
+    return cfg.num_query_groups or cfg.num_attention_heads  # 0 means multi-head attention
+
+
+def backbone_param_count(cfg: ModelConfig) -> int:
+    """Parameters of the backbone, by formula: per layer QKV + output projection, SwiGLU MLP
+    (three d x ffn matrices) and two RMSNorm weights; plus the final RMSNorm."""
+    d, ffn = cfg.hidden_size, cfg.intermediate_size
+    kv_size = _num_query_groups(cfg) * (d // cfg.num_attention_heads)
+    attention = d * (d + 2 * kv_size) + d * d
+    return cfg.num_layers * (attention + 3 * d * ffn + 2 * d) + d
+
+
+def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype) -> TransformerConfig:
+    """megatron's TransformerConfig for this backbone; tensor/pipeline sizes from parallel state."""
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise ValueError("hidden_size must be a multiple of num_attention_heads")
+    init = init_method_normal(cfg.init_std)
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.intermediate_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=_num_query_groups(cfg),
+        kv_channels=cfg.hidden_size // cfg.num_attention_heads,
+        hidden_dropout=cfg.hidden_dropout,
+        attention_dropout=cfg.attention_dropout,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.rms_norm_eps,
+        gated_linear_unit=True,  # SwiGLU: silu(x W_gate) * (x W_up)
+        activation_func=F.silu,
+        add_bias_linear=False,
+        # CALM.md §9.2: every Linear N(0, std), output projections too (megatron would scale
+        # them by 1/sqrt(2 * num_layers) unless told otherwise).
+        init_method=init,
+        output_layer_init_method=init,
+        init_method_std=cfg.init_std,
+        perform_initialization=True,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        cuda_graph_scope=[],  # the default "full" only warns that it is deprecated
+    )
+
+
+def layer_spec(backend: str) -> ModuleSpec:
+    """megatron's GPT layer spec with `backend` as core attention."""
+    if backend == "te":
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")  # a fresh spec: safe to edit
+    spec.submodules.self_attention.submodules.core_attention = CORE_ATTENTION[backend]
+    return spec
+
+
+class KVCache:
+    """Keys and values of past steps, for generation one step at a time.
+
+    Design: this wraps megatron's `StaticInferenceContext` instead of caching inside our attention
+    modules. megatron's `Attention` fills it for every layer, whatever the core attention (te and
+    local included), and keeps RoPE right: it stores keys before rotation and rotates queries at
+    positions [offset, offset + steps) and all cached keys from the full table, so positions
+    continue from the cache length. `Backbone.forward` advances the offset.
+    """
+
+    def __init__(self, batch_size: int, max_steps: int):
+        self.context = StaticInferenceContext(max_batch_size=batch_size, max_sequence_length=max_steps)
+
+    @property
+    def length(self) -> int:
+        """Steps already cached."""
+        return self.context.sequence_len_offset
+
+    @property
+    def max_steps(self) -> int:
+        return self.context.max_sequence_length
+
+    def reset(self) -> None:
+        """Forget all steps (the buffers are kept and overwritten)."""
+        self.context.reset()
+
+
+class Backbone(torch.nn.Module):
+    """Causal decoder: x [batch, steps, hidden] -> h [batch, steps, hidden] after the final norm."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        attention_backend: Optional[str] = None,
+        params_dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.cfg = cfg
+        self.attention_backend = resolve_attention_backend(
+            attention_backend or cfg.attention_backend, device, params_dtype
+        )
+        self.config = transformer_config(cfg, params_dtype)
+        self.decoder = TransformerBlock(self.config, layer_spec(self.attention_backend))
+        self.rotary = RotaryEmbedding(
+            kv_channels=self.config.kv_channels,
+            rotary_percent=1.0,
+            rotary_base=cfg.rope_theta,
+            use_cpu_initialization=self.config.use_cpu_initialization,
+        )
+        # megatron builds the torch RMSNorm weights in fp32 on the CPU: match the linears.
+        self.to(device=device, dtype=params_dtype)
+
+    def new_cache(self, batch_size: int, max_steps: Optional[int] = None) -> KVCache:
+        return KVCache(batch_size, max_steps or self.cfg.max_position_embeddings)
+
+    def forward(self, x_BSD: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+        steps = x_BSD.size(1)
+        x_SBD = x_BSD.transpose(0, 1).contiguous()  # megatron is sequence-first
+        if cache is None:
+            h_SBD = self.decoder(x_SBD, attention_mask=None, rotary_pos_emb=self.rotary(steps))
+            return h_SBD.transpose(0, 1)
+
+        if self.training:
+            raise RuntimeError("the KV cache is for generation: call .eval() first")
+        if cache.length + steps > cache.max_steps:
+            raise ValueError(f"cache holds {cache.max_steps} steps; {cache.length} + {steps} do not fit")
+        if cache.length > 0 and steps > 1:
+            # megatron drops the causal mask type for every call after the prompt (it assumes one
+            # new step), so a multi-step extension goes one step at a time.
+            return torch.cat([self.forward(x_BSD[:, i : i + 1], cache) for i in range(steps)], dim=1)
+        h_SBD = self.decoder(
+            x_SBD,
+            attention_mask=None,
+            rotary_pos_emb=self.rotary(cache.max_steps),  # the attention slices the positions
+            inference_context=cache.context,
+        )
+        cache.context.sequence_len_offset += steps
+        return h_SBD.transpose(0, 1)

@@ -1,0 +1,50 @@
+"""The token-level baseline (CALM.md §2.6): the same backbone, a softmax head, cross-entropy.
+
+It lives in the same system so that every comparison in the paper (BrierLM, FLOPs, speed) can be
+made with identical layers. Untied input and output embeddings, as the paper's Transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calm_dist.config.schema import ModelConfig
+from calm_dist.models.backbone import Backbone
+
+
+@dataclass
+class BaselineOutput:
+    loss: torch.Tensor  # mean next-token cross-entropy (fp32)
+    num_positions: int
+
+
+class TokenBaseline(nn.Module):
+    def __init__(self, cfg: ModelConfig, attention_backend: str | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.backbone = Backbone(cfg, attention_backend=attention_backend)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        nn.init.normal_(self.embed_tokens.weight, std=cfg.init_std)
+        nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+
+    def logits(self, tokens_BT: torch.Tensor, cache=None) -> torch.Tensor:
+        """Next-token logits at every position: (B, T, V)."""
+        return self.lm_head(self.backbone(self.embed_tokens(tokens_BT), cache=cache))
+
+    def forward(self, tokens_BT: torch.Tensor) -> BaselineOutput:
+        """Cross-entropy of a batch of blocks of T + 1 tokens (inputs 1..T, targets 2..T+1)."""
+        logits_BTV = self.logits(tokens_BT[:, :-1])
+        loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), tokens_BT[:, 1:].flatten())
+        return BaselineOutput(loss=loss, num_positions=logits_BTV.shape[0] * logits_BTV.shape[1])
+
+
+def baseline_param_count(cfg: ModelConfig) -> int:
+    """Input embedding + backbone + untied output layer."""
+    from calm_dist.models.backbone import backbone_param_count
+
+    return 2 * cfg.vocab_size * cfg.hidden_size + backbone_param_count(cfg)

@@ -1,0 +1,132 @@
+"""The CALM language model (CALM.md §2): next-vector prediction with an energy-based head.
+
+A block of (S + 1) chunks of K tokens: the transformer reads chunks 1..S (their tokens, through the
+compressor) and the targets are the latents of chunks 2..S+1, sampled M times from the frozen
+autoencoder's posterior. Shapes: B batch, S steps (chunks), K tokens per chunk, D hidden,
+L latent, N head samples, M target samples, P = B*S positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from calm_dist.config.schema import ModelConfig
+from calm_dist.models.autoencoder import Autoencoder
+from calm_dist.models.backbone import Backbone
+from calm_dist.models.compressor import ChunkCompressor
+from calm_dist.models.energy_head import EnergyHead
+from calm_dist.ops.energy import energy_loss
+
+
+def head_blocks(cfg: ModelConfig) -> int:
+    """Energy-head depth: num_mlp_layers, or layers / 4 as in the paper."""
+    return cfg.num_mlp_layers or max(1, cfg.num_layers // 4)
+
+
+@dataclass
+class CALMOutput:
+    loss: torch.Tensor  # mean over positions of 2 * fidelity - diversity
+    fidelity: torch.Tensor  # mean ||z_n - y_m||^beta
+    diversity: torch.Tensor  # mean ||z_n - z_k||^beta, n != k
+    num_positions: int
+
+
+class CALM(nn.Module):
+    def __init__(self, cfg: ModelConfig, autoencoder: Autoencoder, attention_backend: str | None = None):
+        super().__init__()
+        ae_cfg = autoencoder.cfg
+        if (ae_cfg.patch_size, ae_cfg.latent_size, ae_cfg.vocab_size) != (cfg.patch_size, cfg.latent_size, cfg.vocab_size):
+            raise ValueError(
+                "the autoencoder does not match the model: (patch_size, latent_size, vocab_size) = "
+                f"{(ae_cfg.patch_size, ae_cfg.latent_size, ae_cfg.vocab_size)} vs "
+                f"{(cfg.patch_size, cfg.latent_size, cfg.vocab_size)}"
+            )
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, d)
+        nn.init.normal_(self.embed_tokens.weight, std=cfg.init_std)
+        self.compressor = ChunkCompressor(d, cfg.patch_size, cfg.init_std)
+        self.backbone = Backbone(cfg, attention_backend=attention_backend)
+        self.head = EnergyHead(d, cfg.latent_size, cfg.noise_size, head_blocks(cfg), cfg.init_std)
+        self.autoencoder = autoencoder
+        self.autoencoder.requires_grad_(False)  # frozen and clean in stage 2 (CALM.md §8.5)
+        self.autoencoder.eval()
+
+    def train(self, mode: bool = True) -> "CALM":
+        super().train(mode)
+        self.autoencoder.eval()  # no token masking, no latent dropout, ever
+        return self
+
+    # -- building blocks used by training, evaluation and generation -------------------------
+    def step_inputs(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        """(B, S*K) token ids -> (B, S, D) transformer inputs."""
+        if tokens_BT.shape[1] % self.cfg.patch_size:
+            raise ValueError(f"{tokens_BT.shape[1]} tokens is not a multiple of K = {self.cfg.patch_size}")
+        return self.compressor(self.embed_tokens(tokens_BT))
+
+    def hidden_states(self, tokens_BT: torch.Tensor, cache=None) -> torch.Tensor:
+        """Backbone states after its final norm, one per chunk read: (B, S, D)."""
+        return self.backbone(self.step_inputs(tokens_BT), cache=cache)
+
+    def sample_latents(self, h_PD: torch.Tensor, num_samples: int) -> torch.Tensor:
+        return self.head.sample(h_PD, num_samples)
+
+    @torch.no_grad()
+    def sample_chunks(self, h_PD: torch.Tensor, num_samples: int) -> torch.Tensor:
+        """num_samples decoded chunks per position: (N, P, K) token ids."""
+        z_NPL = self.sample_latents(h_PD, num_samples)
+        return self.autoencoder.decode_tokens(z_NPL)
+
+    @torch.no_grad()
+    def target_posterior(self, chunks_BSK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.autoencoder.encode(chunks_BSK)
+
+    # -- training objective ------------------------------------------------------------------
+    def forward(self, tokens_BT: torch.Tensor) -> CALMOutput:
+        """Energy loss of a batch of blocks of (S + 1) * K tokens."""
+        k = self.cfg.patch_size
+        b, t = tokens_BT.shape
+        if t % k or t // k < 2:
+            raise ValueError(f"a CALM block needs (S + 1) * K tokens with S >= 1; got {t} tokens, K = {k}")
+        h_BSD = self.hidden_states(tokens_BT[:, :-k])
+        mu_BSL, log_sigma_BSL = self.target_posterior(tokens_BT[:, k:].reshape(b, t // k - 1, k))
+        h_PD = h_BSD.reshape(-1, h_BSD.shape[-1])
+        mu_PL, sigma_PL = mu_BSL.reshape(-1, mu_BSL.shape[-1]), log_sigma_BSL.reshape(-1, mu_BSL.shape[-1]).exp()
+        samples_NPL = self.sample_latents(h_PD, self.cfg.num_samples)
+        return self._chunked_energy(samples_NPL, mu_PL, sigma_PL)
+
+    def _chunked_energy(self, samples_NPL, mu_PL, sigma_PL) -> CALMOutput:
+        """Targets are drawn chunk by chunk so that M x P x L never exists at once (§8.3)."""
+        positions = mu_PL.shape[0]
+        step = max(1, self.cfg.energy_chunk_positions)
+        totals = torch.zeros(3, device=mu_PL.device, dtype=torch.float32)
+        parts = []
+        for start in range(0, positions, step):
+            end = min(positions, start + step)
+            eps_MPL = torch.randn(self.cfg.num_target_samples, end - start, mu_PL.shape[-1], device=mu_PL.device)
+            targets_MPL = mu_PL[start:end] + sigma_PL[start:end] * eps_MPL
+            part = energy_loss(samples_NPL[:, start:end], targets_MPL, beta=self.cfg.beta, chunk_positions=step)
+            weight = (end - start) / positions
+            parts.append(part.loss * weight)
+            totals += weight * torch.stack([part.fidelity.detach(), part.diversity.detach(), part.loss.detach()])
+        loss = torch.stack(parts).sum()
+        return CALMOutput(loss=loss, fidelity=totals[0], diversity=totals[1], num_positions=positions)
+
+
+def calm_param_count(cfg: ModelConfig) -> int:
+    """Trainable parameters of CALM, without the frozen autoencoder (the convention that matches
+    the paper's Table 1; CALM.md §2.3)."""
+    from calm_dist.models.backbone import backbone_param_count
+    from calm_dist.models.compressor import compressor_param_count
+    from calm_dist.models.energy_head import energy_head_param_count
+
+    d = cfg.hidden_size
+    return (
+        cfg.vocab_size * d
+        + backbone_param_count(cfg)
+        + compressor_param_count(d, cfg.patch_size)
+        + energy_head_param_count(d, cfg.latent_size, cfg.noise_size, head_blocks(cfg))
+    )
