@@ -26,8 +26,11 @@ built, in processes that will never see a GPU. With CUDA present it does nothing
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 _FACTORIES = (
     "empty", "zeros", "ones", "full", "tensor", "as_tensor", "arange", "linspace", "eye",
@@ -88,4 +91,5 @@ def apply_cpu_compat() -> bool:
     mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mcore_random._set_cuda_rng_state = lambda new_state, *a, **kw: torch.set_rng_state(new_state)
     _applied = True
+    logger.info("megatron-core CPU compatibility layer applied (no CUDA device)")
     return True

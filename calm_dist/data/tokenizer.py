@@ -52,6 +52,9 @@ def _with_roles(backend) -> Tokenizer:
         raise ValueError(f"tokenizer has no {ENDOFTEXT!r} token: it cannot mark document boundaries")
     if backend.token_to_id(PAD) is None:
         backend.add_special_tokens([PAD])
+    # A literal "<|endoftext|>" or "<|pad|>" inside raw text is ordinary text: special ids are only
+    # ever inserted by the data pipeline, never produced by encoding a document.
+    backend.encode_special_tokens = True
     return Tokenizer(backend, bos_id=eos, eos_id=eos, pad_id=backend.token_to_id(PAD))
 
 

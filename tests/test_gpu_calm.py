@@ -1,0 +1,29 @@
+"""GPU-only: CALM-M forward and backward on one GPU in bf16 (run on the device machine with
+`pytest -m gpu`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from calm_dist.config import load_config, validate
+from calm_dist.models.autoencoder import Autoencoder
+from calm_dist.models.calm import CALM, calm_param_count
+from calm_dist.parallel.state import ensure_model_parallel
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_calm_m_forward_backward_on_one_gpu_in_bf16():
+    ensure_model_parallel()
+    cfg = validate(load_config(["calm_m"], ["data.seq_length=2048"]))
+    torch.manual_seed(0)
+    model = CALM(cfg.model, Autoencoder(cfg.autoencoder)).cuda().to(torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == calm_param_count(cfg.model)
+    tokens = torch.randint(0, cfg.model.vocab_size - 1, (2, cfg.derived.block_tokens), device="cuda")
+    out = model(tokens)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.num_positions == 2 * 512
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all(p.grad is None for p in model.autoencoder.parameters())

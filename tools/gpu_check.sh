@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# GPU checks for the device machine: the gpu-marked tests, then CALM-M vs Transformer-M
+# forward+backward timing. Results go under $OUT (default: ./gpu_results).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_results}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+
+"$PY" -m calm_dist.environment | tee "$OUT/environment.txt"
+"$PY" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.txt"
+tests_rc=${PIPESTATUS[0]}
+"$PY" -m bench.core_step --calm calm_m --baseline transformer_m --seq 2048 --batch 4 \
+    --json "$OUT/core_step.json" 2>&1 | tee "$OUT/core_step.txt"
+bench_rc=${PIPESTATUS[0]}
+echo "gpu tests rc=$tests_rc bench rc=$bench_rc" | tee "$OUT/summary.txt"
+exit $(( tests_rc != 0 || bench_rc != 0 ))
