@@ -1,10 +1,12 @@
 """KV-cached generation for CALM and the token baseline.
 
 CALM emits one K-token chunk per model step, so it needs K times fewer steps than the baseline for
-the same length. Prompts are K-aligned by LEFT-padding with the BOS token (CALM.md §8.11): the
-reference right-pads with [PAD], which puts pads between prompt and continuation, a position the
-model never saw in training; a run of BOS tokens reads as empty documents, which concatenated
-training data does contain. The baseline pads the same way, so both see identical prompts.
+the same length. Each prompt is K-aligned by LEFT-padding it with at most K - 1 BOS tokens
+(CALM.md §8.11): the reference right-pads with [PAD], which puts pads between prompt and
+continuation, a position the model never saw in training, whereas a short run of BOS tokens reads
+as empty documents, which concatenated training data does contain. Prompts are never padded to
+each other's length: those of equal aligned length share a batch, the others run separately, so
+no prompt's output depends on which prompts it was batched with.
 """
 
 from __future__ import annotations
@@ -41,6 +43,29 @@ def left_pad_prompts(prompts: Sequence[Sequence[int]], multiple: int, fill_id: i
     return torch.tensor([[fill_id] * (length - len(p)) + list(p) for p in prompts], dtype=torch.long)
 
 
+def aligned_groups(prompts: Sequence[Sequence[int]], multiple: int) -> dict[int, list[int]]:
+    """Prompt indices grouped by their own aligned length (ceil to a multiple, at least one)."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    groups: dict[int, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(max(1, -(-len(prompt) // multiple)) * multiple, []).append(i)
+    return groups
+
+
+def _per_group(generate_one, prompts, multiple: int, **kwargs) -> GenerationResult:
+    """Run `generate_one` on each group of equally aligned prompts and restore the input order."""
+    merged = GenerationResult(tokens=[[] for _ in prompts], model_steps=0)
+    for indices in aligned_groups(prompts, multiple).values():
+        part = generate_one([prompts[i] for i in indices], **kwargs)
+        for i, tokens in zip(indices, part.tokens):
+            merged.tokens[i] = tokens
+        merged.model_steps = max(merged.model_steps, part.model_steps)  # steps one sequence took
+        merged.collision_rates += part.collision_rates
+        merged.sampler_draws += part.sampler_draws
+    return merged
+
+
 def _cut_at_eos(rows: torch.Tensor, eos_id: int | None, max_new_tokens: int) -> list[list[int]]:
     out = []
     for row in rows.tolist():
@@ -51,10 +76,21 @@ def _cut_at_eos(rows: torch.Tensor, eos_id: int | None, max_new_tokens: int) -> 
     return out
 
 
+def generate_calm(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, **kwargs) -> GenerationResult:
+    """Sample continuations chunk by chunk. T = 1 draws one head sample per step; T < 1 uses the
+    exact rejection sampler (any T) or the batch approximation (T = 1/n) over decoded chunks.
+    Keyword arguments: temperature, sampler ('exact' | 'batch'), num_candidates, generator (the
+    samplers' own uniforms; the head's noise comes from torch's default generator, so seed it with
+    torch.manual_seed for reproducible text), eos_id."""
+    return _per_group(_generate_calm_group, prompts, model.cfg.patch_size, model=model,
+                      max_new_tokens=max_new_tokens, **kwargs)
+
+
 @torch.no_grad()
-def generate_calm(
-    model,
+def _generate_calm_group(
     prompts: Sequence[Sequence[int]],
+    *,
+    model,
     max_new_tokens: int,
     temperature: float | Fraction | str = 1.0,
     sampler: SamplerName = "exact",
@@ -62,8 +98,6 @@ def generate_calm(
     generator: torch.Generator | None = None,
     eos_id: int | None = None,
 ) -> GenerationResult:
-    """Sample continuations chunk by chunk. T = 1 draws one head sample per step; T < 1 uses the
-    exact rejection sampler (any T) or the batch approximation (T = 1/n) over decoded chunks."""
     cfg = model.cfg
     k = cfg.patch_size
     n, frac = parse_temperature(temperature)
@@ -107,18 +141,27 @@ def generate_calm(
     return result
 
 
-@torch.no_grad()
 def generate_baseline(
-    model,
+    model, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_multiple: int = 1, **kwargs
+) -> GenerationResult:
+    """Token-by-token sampling from softmax(logits / T) with a KV cache. `pad_multiple=K` gives
+    each prompt the same left padding as CALM sees, for like-for-like comparisons. Keyword
+    arguments: temperature, generator, eos_id."""
+    return _per_group(_generate_baseline_group, prompts, pad_multiple, model=model,
+                      max_new_tokens=max_new_tokens, pad_multiple=pad_multiple, **kwargs)
+
+
+@torch.no_grad()
+def _generate_baseline_group(
     prompts: Sequence[Sequence[int]],
+    *,
+    model,
     max_new_tokens: int,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
     eos_id: int | None = None,
     pad_multiple: int = 1,
 ) -> GenerationResult:
-    """Token-by-token sampling from softmax(logits / T). `pad_multiple=K` gives the same left-padded
-    prompt as CALM sees, for like-for-like comparisons."""
     if not 0 < float(temperature) <= 1:
         raise ValueError(f"temperature must be in (0, 1], got {temperature}")
     device = model.embed_tokens.weight.device

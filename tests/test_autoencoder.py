@@ -97,17 +97,42 @@ def test_token_masking_rate_and_labels_only_in_training():
 
 
 def test_latent_dropout_is_inverted_and_training_only():
-    torch.manual_seed(0)
     ae = Autoencoder(small_cfg(latent_dropout=0.25, token_dropout=0.0))
     captured = []
     ae.decoder_in.register_forward_hook(lambda m, inp, out: captured.append(inp[0].detach()))
     tokens = torch.randint(0, 90, (1, 4000, 4))
+    torch.manual_seed(0)
     ae.train()(tokens)
-    z = captured[-1]
-    zero_rate = (z == 0).float().mean().item()
+    dropped = captured[-1]
+    # Replay the same stream without dropout: the sampled z before dropout.
+    mu, log_sigma = ae.encode(tokens)
+    torch.manual_seed(0)
+    z = ae.sample_posterior(mu, log_sigma)
+    zero_rate = (dropped == 0).float().mean().item()
     assert abs(zero_rate - 0.25) < 5 * math.sqrt(0.25 * 0.75 / z.numel())
+    kept = dropped != 0
+    assert torch.allclose(dropped[kept], z[kept] / 0.75, rtol=1e-5, atol=1e-6)  # survivors scaled by 1/(1-p)
     ae.eval()(tokens)
     assert (captured[-1] == 0).float().mean().item() == 0.0
+
+
+def test_labels_are_the_original_tokens_when_inputs_are_masked():
+    torch.manual_seed(0)
+    ae = Autoencoder(small_cfg(token_dropout=0.5, latent_dropout=0.0)).train()
+    tokens = torch.randint(0, 90, (2, 50, 4))
+    out = ae(tokens)
+    expected = torch.nn.functional.cross_entropy(out.logits.flatten(0, -2), tokens.flatten())
+    assert out.ce.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_initialisation_normal_002_zero_bias_unit_norms():
+    torch.manual_seed(0)
+    ae = Autoencoder(AutoencoderConfig(vocab_size=4097, hidden_size=256, intermediate_size=640, mask_token_id=4096))
+    for name, weight in [("embed", ae.embed_tokens.weight), ("squeeze", ae.squeeze.weight),
+                         ("ffn", ae.encoder_token_layers[0].mlp.gate_proj.weight), ("latent head", ae.latent_head.weight)]:
+        assert abs(weight.std().item() - 0.02) < 0.002, name
+    assert torch.all(ae.squeeze.bias == 0) and torch.all(ae.latent_head.bias == 0)
+    assert torch.all(ae.encoder_norm.weight == 1) and torch.all(ae.decoder_token_layers[0].norm.weight == 1)
 
 
 def test_loss_gradients_are_finite_at_zero_kl():

@@ -80,7 +80,7 @@ def test_autoencoder_preset_is_the_reference_autoencoder():
 
 @pytest.mark.parametrize(
     "name, block_tokens, steps",
-    [("tiny_calm", 260, 64), ("tiny_autoencoder", 260, 64), ("tiny_baseline", 257, 256)],
+    [("tiny_calm", 260, 64), ("tiny_autoencoder", 256, 64), ("tiny_baseline", 257, 256)],
 )
 def test_tiny_presets_resolve_defaults(name, block_tokens, steps):
     cfg = tiny(preset=name)
@@ -233,6 +233,8 @@ REJECTED = [
     (["autoencoder.vocab_size=100"], 1, "autoencoder.vocab_size"),
     (["model.pad_token_id=4097"], 1, "model.pad_token_id"),
     (["model.bos_token_id=-1"], 1, "model.bos_token_id"),
+    (["model.pad_token_id=0"], 1, "model.pad_token_id"),
+    (["model.patch_size=2", "autoencoder.patch_size=2"], 1, "model.patch_size"),
     (["model.eos_token_id=5000"], 1, "model.eos_token_id"),
     (["autoencoder.mask_token_id=4097"], 1, "autoencoder.mask_token_id"),
     (["model.hidden_size=250"], 1, "model.num_attention_heads"),
@@ -303,7 +305,7 @@ def test_several_problems_are_reported_together():
 
 def test_supported_3d_layout():
     cfg = tiny("parallel.regime=3d", "parallel.tensor_parallel=2", "parallel.pipeline_parallel=2",
-               "parallel.zero_stage=1", "parallel.sequence_parallel=true", world_size=8)
+               "parallel.zero_stage=1", world_size=8)
     assert cfg.derived.data_parallel_size == 2
 
 

@@ -16,6 +16,7 @@ Stage = Literal["autoencoder", "calm", "baseline"]
 Precision = Literal["fp32", "bf16"]
 Regime = Literal["zero3", "3d"]
 LRSchedule = Literal["constant", "cosine"]
+ProgressBar = Literal["auto", "on", "off"]
 
 
 @dataclass
@@ -127,6 +128,14 @@ class TrainingConfig:
     eval_steps: int = 10
     keep_last: int = 3
     device: str = "auto"  # auto | cpu | cuda
+    # Resume: from `latest` in output_dir/checkpoints unless told otherwise.
+    resume: bool = True
+    load_step: int = -1  # -1: the newest complete checkpoint; N: global_stepN exactly
+    load_rng: bool = True  # restore every rank's RNG streams (exact continuation)
+    load_optimizer: bool = True  # restore optimizer and LR-schedule state
+    # Stopping: SIGTERM/SIGUSR1 always save and exit 0; a wall-clock budget does the same.
+    wall_clock_minutes: float = 0.0  # 0: no budget
+    max_bad_steps: int = 5  # NaN/inf losses in a row before the run stops (with a checkpoint)
 
 
 @dataclass
@@ -136,6 +145,8 @@ class LoggingConfig:
     jsonl: bool = True
     wandb: bool = False
     wandb_project: str = "calm-dist"
+    progress_bar: ProgressBar = "auto"  # auto: a bar in an interactive single-process run, plain lines otherwise
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0: from the device table
 
 
 @dataclass

@@ -60,7 +60,8 @@ _NON_NEGATIVE = (
     "model.num_query_groups", "model.num_mlp_layers", "autoencoder.vocab_size",
     "autoencoder.intermediate_size", "autoencoder.kl_weight", "autoencoder.kl_clamp",
     "data.num_workers", "training.global_batch_size", "training.gradient_accumulation_steps",
-    "training.train_steps", "training.eval_steps", "optimizer.min_lr", "optimizer.warmup_steps",
+    "training.train_steps", "training.eval_steps", "training.wall_clock_minutes",
+    "training.max_bad_steps", "logging.peak_tflops", "optimizer.min_lr", "optimizer.warmup_steps",
     "optimizer.weight_decay", "optimizer.grad_clip",
 )
 _UNIT_INTERVAL = (  # [0, 1)
@@ -114,6 +115,9 @@ def _check_model(cfg: JobConfig, world_size: int, p: _Problems) -> None:
         value = getattr(m, name)
         p.require(0 <= value < m.vocab_size, f"model.{name} ({value}) must be in [0, model.vocab_size "
                                              f"= {m.vocab_size})")
+    p.require(m.pad_token_id not in (m.bos_token_id, m.eos_token_id),
+              f"model.pad_token_id ({m.pad_token_id}) must differ from model.bos_token_id and "
+              f"model.eos_token_id: PAD must never occur in real text (it is the autoencoder's mask id)")
     ae_vocab = ae.vocab_size or m.vocab_size
     mask = m.pad_token_id if ae.mask_token_id == -1 else ae.mask_token_id
     p.require(0 <= mask < ae_vocab, f"autoencoder.mask_token_id ({ae.mask_token_id}) must be -1 (the PAD "
@@ -133,6 +137,10 @@ def _check_stage(cfg: JobConfig, world_size: int, p: _Problems) -> None:
         p.require(ae.vocab_size in (0, m.vocab_size),
                   f"autoencoder.vocab_size ({ae.vocab_size}) must be 0 or equal model.vocab_size "
                   f"({m.vocab_size}): both models share one tokenizer")
+    if stage == "calm":
+        p.require(m.patch_size >= 4,
+                  f"model.patch_size = K ({m.patch_size}) below 4 is not supported yet: CALM's Brier-n for "
+                  f"n > K needs autoregressive rollouts (CALM.md §3.2), which are not implemented")
     if stage != "autoencoder":
         steps = _steps_per_block(cfg)
         p.require(m.max_position_embeddings >= steps,
@@ -157,12 +165,8 @@ def _check_parallel(cfg: JobConfig, world_size: int, p: _Problems) -> None:
                                        f"{par.zero_stage}; use parallel.regime=zero3 for ZeRO-2/3")
     p.require(not par.offload_optimizer or par.zero_stage >= 1,
               "parallel.offload_optimizer needs parallel.zero_stage >= 1")
-    p.require(not par.sequence_parallel or tp > 1,
-              f"parallel.sequence_parallel requires parallel.tensor_parallel > 1, got {tp}")
-    if par.sequence_parallel and tp > 1:
-        steps = _steps_per_block(cfg)
-        p.require(steps % tp == 0, f"parallel.sequence_parallel splits the {steps} steps per block over "
-                                   f"parallel.tensor_parallel ({tp}); they must divide evenly")
+    p.require(not par.sequence_parallel,
+              "parallel.sequence_parallel is not implemented yet (it arrives with the 3d regime); set it to false")
     groups = m.num_query_groups or m.num_attention_heads
     p.require(m.num_attention_heads % tp == 0 and groups % tp == 0,
               f"parallel.tensor_parallel ({tp}) must divide model.num_attention_heads "
@@ -210,8 +214,9 @@ def _derive(cfg: JobConfig, world_size: int) -> DerivedConfig:
     else:
         tr.gradient_accumulation_steps = tr.gradient_accumulation_steps or 1
         tr.global_batch_size = per_step * tr.gradient_accumulation_steps
-    # A block holds the context plus one target step (CALM.md §9.7): K more tokens, or one for baseline.
-    target_tokens = 1 if tr.stage == "baseline" else cfg.model.patch_size
+    # A language-model block holds the context plus one target step (CALM.md §9.7): K more tokens
+    # for CALM, one for the baseline. The autoencoder has no target step: it reads chunks.
+    target_tokens = {"baseline": 1, "calm": cfg.model.patch_size, "autoencoder": 0}[tr.stage]
     return DerivedConfig(
         world_size=world_size,
         data_parallel_size=dp,

@@ -117,9 +117,14 @@ class Autoencoder(nn.Module):
         return self.decoder_norm(h) @ self.embed_tokens.weight.t()
 
     @torch.no_grad()
-    def decode_tokens(self, z_BCL: torch.Tensor) -> torch.Tensor:
-        """Argmax decoding (CALM.md §8.13): all stochasticity lives upstream of the decoder."""
-        return self.decode(z_BCL).argmax(dim=-1)
+    def decode_tokens(self, z_BCL: torch.Tensor, chunk_positions: int = 256) -> torch.Tensor:
+        """Argmax decoding (CALM.md §8.13): all stochasticity lives upstream of the decoder.
+        Decoded in slices of positions so that the (positions, K, V) logits stay small."""
+        b, c, latent = z_BCL.shape
+        flat = z_BCL.reshape(1, b * c, latent)
+        pieces = [self.decode(flat[:, i : i + chunk_positions]).argmax(dim=-1)
+                  for i in range(0, b * c, chunk_positions)]
+        return torch.cat(pieces, dim=1).reshape(b, c, self.cfg.patch_size)
 
     @staticmethod
     def sample_posterior(mu: torch.Tensor, log_sigma: torch.Tensor, num_samples: int | None = None) -> torch.Tensor:

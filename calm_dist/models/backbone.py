@@ -143,8 +143,9 @@ class Backbone(torch.nn.Module):
             rotary_base=cfg.rope_theta,
             use_cpu_initialization=self.config.use_cpu_initialization,
         )
-        # megatron builds the torch RMSNorm weights in fp32 on the CPU: match the linears.
-        self.to(device=device, dtype=params_dtype)
+        # megatron builds the torch RMSNorm weights in fp32: match the linears. The device is the
+        # caller's choice (the whole model moves together; DeepSpeed does it for training).
+        self.to(dtype=params_dtype)
 
     def new_cache(self, batch_size: int, max_steps: Optional[int] = None) -> KVCache:
         return KVCache(batch_size, max_steps or self.cfg.max_position_embeddings)

@@ -56,17 +56,18 @@ class EnergyHead(nn.Module):
         """Uniform U[-0.5, 0.5]^E noise (not Gaussian), from the default generator of the device."""
         return torch.rand(*shape, self.noise_size, device=like.device, dtype=like.dtype) - 0.5
 
-    def forward(self, h_PD: torch.Tensor, noise_PE: torch.Tensor) -> torch.Tensor:
-        s = self.noise_norm(self.noise_proj(noise_PE))
-        c = self.hidden_norm(self.hidden_proj(h_PD))
+    def forward(self, h_PD: torch.Tensor, noise_NPE: torch.Tensor) -> torch.Tensor:
+        """One latent per noise draw; h (..., D) broadcasts against noise (N, ..., E)."""
+        c = self.hidden_norm(self.hidden_proj(h_PD))  # once per position, shared by the N samples
+        s = self.noise_norm(self.noise_proj(noise_NPE))
+        c = c.expand(*s.shape[:-1], c.shape[-1])
         for block in self.blocks:
             s = block(s, c)
         return self.output(F.silu(self.final_hidden(self.final_norm(s))))
 
     def sample(self, h_PD: torch.Tensor, num_samples: int) -> torch.Tensor:
         """N independent samples per position: (N, P, L)."""
-        h_NPD = h_PD.unsqueeze(0).expand(num_samples, *h_PD.shape)
-        return self(h_NPD, self.draw_noise(h_NPD.shape[:-1], h_PD))
+        return self(h_PD, self.draw_noise((num_samples, *h_PD.shape[:-1]), h_PD))
 
 
 def energy_head_param_count(d: int, latent: int, noise: int, blocks: int) -> int:

@@ -1,0 +1,73 @@
+"""Process-group start-up for every launcher: torchrun, the deepspeed launcher, srun, or none.
+
+World size 1 without any launcher works too (a single-process gloo group on an in-memory store).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if name in os.environ:
+            return int(os.environ[name])
+    return default
+
+
+def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU) and return this
+    process's rank, world size and device. Idempotent."""
+    # Rank variables: torchrun / deepspeed launcher set RANK etc.; plain srun sets SLURM_*.
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        # DeepSpeed would otherwise JIT-compile its shared-memory op (~1 minute) on the CPU
+        # accelerator; plain gloo collectives are all a CPU run needs (STACK.md §2).
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        dev = torch.device("cpu")
+
+    # DeepSpeed reads these even when the process group already exists.
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    if not dist.is_initialized():
+        import deepspeed
+
+        if world == 1 and "MASTER_ADDR" not in os.environ:
+            dist.init_process_group(
+                "nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1
+            )
+        else:
+            deepspeed.init_distributed(
+                dist_backend="nccl" if use_cuda else "gloo",
+                auto_mpi_discovery=False,
+                timeout=datetime.timedelta(minutes=timeout_minutes),
+            )
+        if not deepspeed.comm.is_initialized():
+            deepspeed.comm.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev)

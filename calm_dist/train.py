@@ -1,0 +1,80 @@
+"""Train the autoencoder, CALM or the token baseline on DeepSpeed.
+
+    python -m calm_dist.train --config tiny_calm [--config site.yaml] [section.key=value ...]
+    torchrun --nproc_per_node 8 -m calm_dist.train --config calm_m data.train_path=...
+    deepspeed --num_gpus 8 -m calm_dist.train --config calm_m ...
+
+`--dry-run` validates the config for the launcher's world size and prints it with the merged
+DeepSpeed config, without building anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from calm_dist.config import ConfigError, config_to_dict, load_config, validate
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+
+
+def _setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="calm-train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", action="append", required=True, help="YAML file or preset name; repeatable")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the configs, then exit")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=1e-3")
+    args = parser.parse_args(argv)
+    try:
+        cfg = validate(load_config(args.config, args.overrides), world_size=_world_size())
+        from calm_dist.training.engine import DeepSpeedPresetError, build_ds_config
+
+        import torch
+
+        ds_config = build_ds_config(cfg, on_cuda=torch.cuda.is_available())
+    except (ConfigError, DeepSpeedPresetError) as err:
+        print(f"calm-train: error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        import yaml
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        print(json.dumps(ds_config, indent=2))
+        return 0
+
+    from calm_dist.environment import log_backend_report
+    from calm_dist.parallel.launch import init_distributed
+    from calm_dist.training.trainer import Trainer, TrainingStopped
+
+    rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+    _setup_logging(rank)
+    info = init_distributed(cfg.training.device)
+    if info.rank == 0:
+        log_backend_report()
+    try:
+        trainer = Trainer(cfg, info)
+        trainer.fit()
+    except TrainingStopped as err:
+        logging.getLogger("calm_dist.train").error("%s", err)
+        return 1
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        logging.getLogger("calm_dist.train").error("%s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

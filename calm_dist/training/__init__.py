@@ -1,0 +1,1 @@
+"""Training: the DeepSpeed trainer loop and the pieces it calls (checkpoints, RNG state, stop signals)."""

@@ -1,0 +1,261 @@
+"""The training loop: one trainer for the autoencoder, CALM and the token baseline on DeepSpeed.
+
+Order of work: validate everything that can be checked (config, data, checkpoint compatibility)
+before any model is built; build the model with the same seed on every rank; wrap it in a
+DeepSpeed engine; resume; then step, log, evaluate, checkpoint, and stop cleanly on a signal, a
+wall-clock budget, too many non-finite losses, or the last step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from calm_dist import __version__
+from calm_dist.config import config_to_dict, save_config
+from calm_dist.config.schema import JobConfig
+from calm_dist.parallel.launch import DistInfo
+from calm_dist.training import stages
+from calm_dist.training.engine import build_ds_config, create_engine
+from calm_dist.training.evaluate import evaluate, rank_slice
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """Counters saved in every checkpoint's metadata."""
+
+    step: int = 0
+    tokens: int = 0  # context tokens consumed (global, all ranks)
+    vectors: int = 0  # model steps consumed: chunks for CALM and the autoencoder, tokens for the baseline
+    skipped_batches: int = 0  # micro-batches skipped for a non-finite loss
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped early for a reason that needs the user (e.g. diverging loss)."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _all_finite(value: torch.Tensor) -> bool:
+    """True only if the value is finite on every rank (all ranks must take the same branch)."""
+    flag = torch.tensor([1.0 if torch.isfinite(value).all() else 0.0], device=value.device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig, info: DistInfo):
+        from calm_dist.data.loader import build_train_loader, read_eval_blocks
+        from calm_dist.training.checkpoint import CheckpointManager, check_compatible
+
+        self.cfg, self.info = cfg, info
+        self.run_dir = Path(cfg.training.output_dir)
+        self.checkpoints = CheckpointManager(
+            self.run_dir / "checkpoints", cfg.training.keep_last, info.rank, info.world_size
+        )
+        # Everything that can fail on bad input fails here, before a model exists.
+        self.resume_tag = self.checkpoints.resolve(cfg.training.load_step) if cfg.training.resume else None
+        if self.resume_tag:
+            check_compatible(self.checkpoints.read_meta(self.resume_tag)["config"], config_to_dict(cfg))
+        elif self.checkpoints.tags():
+            raise FileExistsError(
+                f"{self.run_dir} already holds checkpoints {self.checkpoints.tags()} and training.resume is "
+                "off: choose a new training.output_dir (nothing there was touched)"
+            )
+        self.loader = build_train_loader(
+            cfg.data.train_path,
+            block_tokens=cfg.derived.block_tokens,
+            micro_batch_size=cfg.training.micro_batch_size,
+            rank=info.rank,
+            world_size=info.world_size,
+            num_workers=cfg.data.num_workers,
+            seed=cfg.data.seed,
+        )
+        self.eval_blocks = None
+        if cfg.data.valid_path and cfg.training.eval_steps:
+            blocks = read_eval_blocks(cfg.data.valid_path, cfg.derived.block_tokens, max_blocks=cfg.training.eval_steps)
+            self.eval_blocks = rank_slice(blocks, info.rank, info.world_size)
+
+        from calm_dist.parallel.state import ensure_model_parallel
+
+        ensure_model_parallel(seed=cfg.training.seed)
+        seed_everything(cfg.training.seed)  # identical initial weights on every rank
+        model = stages.build_model(cfg)
+        self.ds_config = build_ds_config(cfg, on_cuda=info.device.type == "cuda")
+        self.engine = create_engine(model, cfg, self.ds_config)
+        # From here on every rank draws its own noise (head samples, targets, dropout).
+        seed_everything(cfg.training.seed + 1 + info.rank)
+        self.state = TrainState()
+        if info.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+        if self.resume_tag:
+            self._resume(self.resume_tag)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _meta(self) -> dict:
+        cfg = self.cfg
+        return {
+            "config": config_to_dict(cfg),
+            "train_state": asdict(self.state),
+            "layout": {"world_size": self.info.world_size, "tensor_parallel": cfg.parallel.tensor_parallel,
+                       "pipeline_parallel": cfg.parallel.pipeline_parallel,
+                       "data_parallel": cfg.derived.data_parallel_size, "zero_stage": cfg.parallel.zero_stage},
+            "ds_config": self.ds_config,
+            "code_version": __version__,
+        }
+
+    def save(self) -> str:
+        from calm_dist.training.rng import capture_rng_state
+
+        rank_state = {"data": self.loader.state_dict(), "rng": capture_rng_state()}
+        tag = self.checkpoints.save(self.engine, self.state.step, self._meta(), rank_state)
+        logger.info("saved checkpoint %s", tag)
+        return tag
+
+    def _resume(self, tag: str) -> None:
+        from calm_dist.training.rng import restore_rng_state
+
+        meta, rank_state = self.checkpoints.load(self.engine, tag, load_optimizer=self.cfg.training.load_optimizer)
+        self.state = TrainState(**meta["train_state"])
+        self.loader.load_state_dict(rank_state["data"])
+        if self.cfg.training.load_rng:
+            restore_rng_state(rank_state["rng"])
+        logger.info("resumed from %s at step %d", tag, self.state.step)
+
+    # -- one optimizer step ----------------------------------------------------------------------
+    def train_step(self, batches) -> dict[str, float]:
+        cfg, engine = self.cfg, self.engine
+        accum = cfg.derived.gradient_accumulation_steps
+        losses, extras, data_time, done, bad_in_a_row = [], {}, 0.0, 0, 0
+        while done < accum:
+            start = time.perf_counter()
+            tokens = next(batches).to(self.info.device, non_blocking=True)
+            data_time += time.perf_counter() - start
+            out = engine(stages.model_inputs(cfg, tokens))
+            if not _all_finite(out.loss.detach()):
+                # Skip the micro-batch on every rank: no backward, no step; the next batch takes
+                # its place, so the weights never see the non-finite values.
+                self.state.skipped_batches += 1
+                bad_in_a_row += 1
+                logger.warning("non-finite loss at step %d: micro-batch skipped (%d in a row)",
+                               self.state.step + 1, bad_in_a_row)
+                if bad_in_a_row >= cfg.training.max_bad_steps:
+                    raise TrainingStopped(
+                        f"{bad_in_a_row} non-finite losses in a row at step {self.state.step + 1}: the run is "
+                        "diverging (lower optimizer.lr, raise optimizer.warmup_steps, or check the data); the "
+                        "last good weights are checkpointed"
+                    )
+                continue
+            bad_in_a_row = 0
+            engine.backward(out.loss)
+            engine.step()
+            losses.append(out.loss.item())
+            for key, value in stages.step_metrics(cfg, out).items():
+                extras[key] = extras.get(key, 0.0) + value / accum
+            done += 1
+        self.state.step += 1
+        self.state.tokens += cfg.derived.global_batch_size * cfg.data.seq_length
+        self.state.vectors += cfg.derived.global_batch_size * cfg.derived.steps_per_block
+        grad_norm = engine.get_global_grad_norm()
+        return {
+            "loss": sum(losses) / len(losses), **extras,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": engine.get_lr()[0], "data_ms": 1e3 * data_time,
+        }
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def fit(self) -> TrainState:
+        from calm_dist.flops import compute_precision, peak_tflops, training_flops_per_token
+        from calm_dist.training.metrics import MetricsLogger
+        from calm_dist.training.signals import StopRequest
+        from calm_dist.training.telemetry import GpuTelemetry, memory_stats
+
+        cfg, info = self.cfg, self.info
+        metrics = MetricsLogger(self.run_dir, cfg.logging, info.rank, info.world_size,
+                                cfg.training.train_steps, start_step=self.state.step)
+        telemetry = GpuTelemetry()
+        if info.rank == 0 and not telemetry.available:
+            metrics.note(telemetry.note)
+        flops_per_token = training_flops_per_token(cfg)
+        device_name = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu"
+        peak = peak_tflops(device_name, compute_precision(cfg.training.precision), cfg.logging.peak_tflops)
+        tokens_per_step = cfg.derived.global_batch_size * cfg.data.seq_length
+        batches = iter(self.loader)
+        last_saved = self.state.step if self.resume_tag else -1
+        stop_reason = None
+        with StopRequest(cfg.training.wall_clock_minutes) as stop:
+            window_start, window_steps = time.perf_counter(), 0
+            while self.state.step < cfg.training.train_steps:
+                try:
+                    step_metrics = self.train_step(batches)
+                except TrainingStopped:
+                    self.save()
+                    raise
+                window_steps += 1
+                step = self.state.step
+                if step % cfg.logging.log_interval == 0 or step == cfg.training.train_steps:
+                    elapsed = time.perf_counter() - window_start
+                    tokens_per_s = window_steps * tokens_per_step / elapsed
+                    step_metrics["tok_per_s"] = tokens_per_s
+                    step_metrics["vec_per_s"] = tokens_per_s * cfg.derived.steps_per_block / cfg.data.seq_length
+                    tflops = flops_per_token * tokens_per_s / info.world_size / 1e12
+                    step_metrics["tflops"] = tflops
+                    if peak:
+                        step_metrics["mfu"] = 100 * tflops / peak
+                    step_metrics.update(memory_stats(info.device))
+                    step_metrics.update(telemetry.sample(info.local_rank) if telemetry.available else {})
+                    metrics.log_train(step, step_metrics)
+                    window_start, window_steps = time.perf_counter(), 0
+                if self.eval_blocks is not None and step % cfg.training.eval_interval == 0:
+                    metrics.log_eval(step, evaluate(self.engine.module, cfg, self.eval_blocks, info.device))
+                stop_reason = stop.agreed_reason()
+                if stop_reason or step % cfg.training.save_interval == 0:
+                    self.save()
+                    last_saved = step
+                if stop_reason:
+                    metrics.note(f"stopping at step {step}: {stop_reason}; checkpoint saved, resume by rerunning")
+                    break
+        if last_saved != self.state.step:
+            self.save()
+        if cfg.training.stage == "autoencoder" and not stop_reason and self.state.step >= cfg.training.train_steps:
+            self.export_autoencoder()
+        if self.eval_blocks is not None and not stop_reason:
+            final = evaluate(self.engine.module, cfg, self.eval_blocks, info.device)
+            metrics.log_eval(self.state.step, final)
+            self.final_eval = final
+        metrics.close()
+        telemetry.close()
+        return self.state
+
+    def export_autoencoder(self) -> Path | None:
+        """Consolidate the final checkpoint's fp32 weights into <output_dir>/autoencoder."""
+        from calm_dist.models.autoencoder_io import save_autoencoder
+        from calm_dist.training.checkpoint import consolidate_fp32
+
+        target = self.run_dir / "autoencoder"
+        if self.info.rank == 0:
+            tag = self.checkpoints.resolve(-1)
+            state_dict = consolidate_fp32(self.checkpoints.save_dir, tag)
+            save_autoencoder(state_dict, self.cfg.autoencoder, target)
+            logger.info("autoencoder exported to %s", target)
+        if dist.is_initialized():
+            dist.barrier()
+        return target
+
