@@ -85,7 +85,10 @@ def run_distributed(
     result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if check and (timed_out or result.returncode != 0):
         what = f"timed out after {timeout:.0f} s" if timed_out else f"exited with {result.returncode}"
-        report = f"{Path(script).name} {what}\n--- stdout (tail) ---\n{stdout[-_TAIL_CHARS:]}\n--- stderr (tail) ---\n{stderr[-_TAIL_CHARS:]}"
+        report = (
+            f"{Path(script).name} {what}\n--- stdout (tail) ---\n{stdout[-_TAIL_CHARS:]}"
+            f"\n--- stderr (tail) ---\n{stderr[-_TAIL_CHARS:]}"
+        )
         print(report)
         raise AssertionError(report)
     return result

@@ -300,3 +300,18 @@ def test_kv_cache_on_cuda_in_bf16(backend):
         cache = model.new_cache(batch_size=2, max_steps=32)
         steps = [model(x[:, :8], cache)] + [model(x[:, i : i + 1], cache) for i in range(8, 24)]
     assert _relative_error(torch.cat(steps, dim=1), full) < 3e-2
+
+
+def test_rope_makes_outputs_depend_on_positions_with_the_configured_base():
+    """Without positions, causal attention at the last step is invariant to the order of the
+    steps before it; with RoPE it is not. The rotary frequencies use rope_theta."""
+    cfg = small_cfg(rope_theta=10000.0)
+    model = backbone(cfg, "sdpa").eval()
+    x = inputs(batch=1, steps=8)
+    permuted = torch.cat([x[:, [2, 0, 5, 1, 6, 3, 4]], x[:, 7:]], dim=1)
+    with torch.no_grad():
+        last, last_permuted = model(x)[:, -1], model(permuted)[:, -1]
+    assert not torch.allclose(last, last_permuted, atol=1e-4)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    expected = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    assert torch.allclose(model.rotary.inv_freq.float().cpu(), expected)

@@ -10,8 +10,8 @@ import pytest
 from calm_dist.data.corpus import sotu_documents
 from calm_dist.data.tokenizer import ENDOFTEXT, gpt2_files, load_gpt2, load_tokenizer
 
-TRICKY = ["Hello world!", "  two  spaces\n\n\ttab and trailing   ", "naïve café 中文 🙂", "It's 1,234.5 — they'll",
-          f"a literal {ENDOFTEXT} and <|pad|> in a document stay text", ""]
+TRICKY = ["Hello world!", "  two  spaces\n\n\ttab and trailing   ", "naïve café 中文 🙂",
+          "It's 1,234.5 — they'll", f"a literal {ENDOFTEXT} and <|pad|> in a document stay text", ""]
 
 
 @pytest.fixture(scope="module")

@@ -81,6 +81,8 @@ class DataConfig:
     seq_length: int = 2048  # tokens the model reads per block (context); a multiple of K for CALM
     num_workers: int = 1
     seed: int = 1234
+    resampled: bool = False  # sample shards with replacement: statistical, not exact, continuity
+    skip_corrupt: bool = False  # skip (count and log) corrupt shards instead of stopping
 
 
 @dataclass

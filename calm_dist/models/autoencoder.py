@@ -45,6 +45,21 @@ class AELayer(nn.Module):
         return h + self.mlp(self.norm(h))
 
 
+class TiedProjection(nn.Module):
+    """Logits against a tied embedding table: h @ E^T, no bias, no parameters of its own.
+
+    The table stays owned by the embedding; this module only reads it. Being a module of its own
+    gives sharded-parameter wrappers (ZeRO-3) one place to declare that read
+    (`calm_dist.parallel.zero3.register_tied_weights`)."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        object.__setattr__(self, "embedding", embedding)  # a reference, not a second registration
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h @ self.embedding.weight.t()
+
+
 def _split_layers(count: int) -> tuple[int, int]:
     """Layers before and after the squeeze/expand: half and half (CALM.md §9.5)."""
     before = count // 2
@@ -87,6 +102,7 @@ class Autoencoder(nn.Module):
         self.expand = nn.Linear(d, k * d)
         self.decoder_token_layers = nn.ModuleList(AELayer(d, ffn, eps) for _ in range(dec_after))
         self.decoder_norm = nn.RMSNorm(d, eps=eps)
+        self.output_projection = TiedProjection(self.embed_tokens)
         init_llama_(self, cfg.init_std)
 
     # -- encoder / decoder ------------------------------------------------------------------
@@ -114,7 +130,7 @@ class Autoencoder(nn.Module):
         h = self.expand(h).reshape(b, c, self.cfg.patch_size, self.cfg.hidden_size)
         for layer in self.decoder_token_layers:
             h = layer(h)
-        return self.decoder_norm(h) @ self.embed_tokens.weight.t()
+        return self.output_projection(self.decoder_norm(h))
 
     @torch.no_grad()
     def decode_tokens(self, z_BCL: torch.Tensor, chunk_positions: int = 256) -> torch.Tensor:

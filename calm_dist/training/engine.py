@@ -148,4 +148,8 @@ def create_engine(model: torch.nn.Module, cfg: JobConfig, ds_config: dict):
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    if ds_config["zero_optimization"]["stage"] == 3:
+        from calm_dist.parallel.zero3 import register_tied_weights
+
+        register_tied_weights(engine.module)
     return engine

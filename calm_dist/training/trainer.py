@@ -58,6 +58,29 @@ def _all_finite(value: torch.Tensor) -> bool:
     return bool(flag.item())
 
 
+def check_data_matches_model(cfg: JobConfig) -> None:
+    """The shards' vocabulary and special ids must be the model's; with data.tokenizer pointing
+    at a tokenizer file, its fingerprint must be the one the shards were made with."""
+    from calm_dist.data.index import check_tokenizer, load_index
+
+    if not cfg.data.train_path:
+        raise ValueError("data.train_path is empty: prepare shards with calm-prepare-data and point to them")
+    m = cfg.model
+    for path in filter(None, (cfg.data.train_path, cfg.data.valid_path)):
+        index = load_index(path)
+        pairs = {"vocab_size": (index.vocab_size, m.vocab_size), "bos_token_id": (index.bos_id, m.bos_token_id),
+                 "eos_token_id": (index.eos_id, m.eos_token_id), "pad_token_id": (index.pad_id, m.pad_token_id)}
+        wrong = [f"model.{name} = {ours} but the shards say {theirs}" for name, (theirs, ours) in pairs.items()
+                 if theirs != ours]
+        if wrong:
+            raise ValueError(f"{path}: the shards do not match the model: " + "; ".join(wrong)
+                             + " (set these model fields from the shards' tokenizer)")
+        if Path(cfg.data.tokenizer).exists() or cfg.data.tokenizer == "gpt2":
+            from calm_dist.data.tokenizer import load_tokenizer
+
+            check_tokenizer(index, load_tokenizer(cfg.data.tokenizer))
+
+
 class Trainer:
     def __init__(self, cfg: JobConfig, info: DistInfo):
         from calm_dist.data.loader import build_train_loader, read_eval_blocks
@@ -77,6 +100,11 @@ class Trainer:
                 f"{self.run_dir} already holds checkpoints {self.checkpoints.tags()} and training.resume is "
                 "off: choose a new training.output_dir (nothing there was touched)"
             )
+        check_data_matches_model(cfg)
+        # The autoencoder reads documents padded to whole chunks (CALM.md §1.3); the language
+        # models read documents concatenated (§2.6).
+        packing = "ae" if cfg.training.stage == "autoencoder" else "lm"
+        k = cfg.autoencoder.patch_size
         self.loader = build_train_loader(
             cfg.data.train_path,
             block_tokens=cfg.derived.block_tokens,
@@ -85,10 +113,16 @@ class Trainer:
             world_size=info.world_size,
             num_workers=cfg.data.num_workers,
             seed=cfg.data.seed,
+            packing=packing,
+            patch_size=k,
+            resampled=cfg.data.resampled,
+            skip_corrupt=cfg.data.skip_corrupt,
         )
         self.eval_blocks = None
         if cfg.data.valid_path and cfg.training.eval_steps:
-            blocks = read_eval_blocks(cfg.data.valid_path, cfg.derived.block_tokens, max_blocks=cfg.training.eval_steps)
+            blocks = read_eval_blocks(cfg.data.valid_path, cfg.derived.block_tokens,
+                                      max_blocks=cfg.training.eval_steps,
+                                      packing="ae" if packing == "ae" else "eval", patch_size=k)
             self.eval_blocks = rank_slice(blocks, info.rank, info.world_size)
 
         from calm_dist.parallel.state import ensure_model_parallel
@@ -199,7 +233,7 @@ class Trainer:
         tokens_per_step = cfg.derived.global_batch_size * cfg.data.seq_length
         batches = iter(self.loader)
         last_saved = self.state.step if self.resume_tag else -1
-        stop_reason = None
+        stop_reason, last_eval = None, -1
         with StopRequest(cfg.training.wall_clock_minutes) as stop:
             window_start, window_steps = time.perf_counter(), 0
             while self.state.step < cfg.training.train_steps:
@@ -224,7 +258,9 @@ class Trainer:
                     metrics.log_train(step, step_metrics)
                     window_start, window_steps = time.perf_counter(), 0
                 if self.eval_blocks is not None and step % cfg.training.eval_interval == 0:
-                    metrics.log_eval(step, evaluate(self.engine.module, cfg, self.eval_blocks, info.device))
+                    self.final_eval = evaluate(self.engine.module, cfg, self.eval_blocks, info.device)
+                    metrics.log_eval(step, self.final_eval)
+                    last_eval = step
                 stop_reason = stop.agreed_reason()
                 if stop_reason or step % cfg.training.save_interval == 0:
                     self.save()
@@ -236,10 +272,9 @@ class Trainer:
             self.save()
         if cfg.training.stage == "autoencoder" and not stop_reason and self.state.step >= cfg.training.train_steps:
             self.export_autoencoder()
-        if self.eval_blocks is not None and not stop_reason:
-            final = evaluate(self.engine.module, cfg, self.eval_blocks, info.device)
-            metrics.log_eval(self.state.step, final)
-            self.final_eval = final
+        if self.eval_blocks is not None and not stop_reason and last_eval != self.state.step:
+            self.final_eval = evaluate(self.engine.module, cfg, self.eval_blocks, info.device)
+            metrics.log_eval(self.state.step, self.final_eval)
         metrics.close()
         telemetry.close()
         return self.state

@@ -1,0 +1,178 @@
+"""The default end-to-end job, on CPU, on the bundled corpus:
+
+  1. prepare shards: a 4,096-token BPE trained on the bundled speeches, train/valid shards;
+  2. stage 1: train a tiny autoencoder (DeepSpeed ZeRO-3, like any run);
+  3. stage 2: train a tiny CALM on the frozen autoencoder;
+  4. evaluate: reconstruction accuracy, energy loss against the unconditional level, BrierLM;
+  5. generate a sample from a prompt.
+
+    python -m calm_dist.quickstart                 # about 10 minutes on 2 cores
+    python -m calm_dist.quickstart --preset demo   # about an hour: as far as a CPU goes
+    python -m calm_dist.quickstart --steps-scale 0.1 --out runs/smoke   # a quick smoke run
+
+Each stage is an ordinary `python -m calm_dist.train` run in its own process (the command is
+printed), so everything here can be repeated by hand, resumed, or launched with torchrun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+PRESETS = {
+    "quickstart": ("quickstart_autoencoder", "quickstart_calm"),
+    "demo": ("demo_autoencoder", "demo_calm"),
+}
+PROMPT = "The state of the Union is"
+
+
+def _banner(step: int, text: str) -> None:
+    print(f"\n[{step}/5] {text}", flush=True)
+
+
+def _train(preset: str, overrides: list[str], steps_scale: float, log_file: Path) -> None:
+    from calm_dist.config import load_config
+
+    cfg = load_config([preset])
+    steps = max(2, int(cfg.training.train_steps * steps_scale))
+    scaled = [f"training.train_steps={steps}",
+              f"training.save_interval={max(1, int(cfg.training.save_interval * steps_scale))}",
+              f"training.eval_interval={max(1, int(cfg.training.eval_interval * steps_scale))}",
+              f"logging.log_interval={max(1, min(cfg.logging.log_interval, steps // 10 or 1))}"]
+    cmd = [sys.executable, "-m", "calm_dist.train", "--config", preset, *overrides, *scaled]
+    print("  $ " + " ".join(cmd[1:]), flush=True)
+    env = {**os.environ, "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore")}
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        for line in proc.stdout:  # the trainer's progress lines, as they come
+            print("  " + line.rstrip(), flush=True)
+        if proc.wait() != 0:
+            raise SystemExit(f"training with {preset} failed (exit {proc.returncode}); see {log_file}")
+
+
+def _last_eval(run_dir: Path) -> dict:
+    last = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("kind") == "eval":
+            last = record
+    return last
+
+
+def _load_calm(run_dir: Path, ae_dir: Path):
+    """The trained CALM from its newest checkpoint, consolidated on this process's CPU."""
+    from calm_dist.config import load_config, validate
+    from calm_dist.models.autoencoder_io import load_autoencoder
+    from calm_dist.models.calm import CALM
+    from calm_dist.parallel.state import ensure_model_parallel
+    from calm_dist.training.checkpoint import CheckpointManager, consolidate_fp32
+
+    ensure_model_parallel()
+    cfg = validate(load_config([run_dir / "config.yaml"]))
+    model = CALM(cfg.model, load_autoencoder(ae_dir, cfg.autoencoder))
+    manager = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.training.keep_last, rank=0, world_size=1)
+    weights = consolidate_fp32(manager.save_dir, manager.resolve(-1))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or [k for k in missing if not k.startswith("autoencoder.")]:
+        raise RuntimeError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+    return model.eval(), cfg
+
+
+def _marginal_energy(model, blocks) -> float:
+    """Energy loss of an unconditional predictor (CALM.md §9.11): posterior samples of random
+    other chunks as the model's samples. Beating it means the model uses its context."""
+    import torch
+
+    from calm_dist.ops.energy import energy_loss
+
+    k, cfg = model.cfg.patch_size, model.cfg
+    with torch.no_grad():
+        mu, log_sigma = model.target_posterior(blocks[:, k:].reshape(blocks.shape[0], -1, k))
+    mu, sigma = mu.reshape(-1, mu.shape[-1]), log_sigma.reshape(-1, mu.shape[-1]).exp()
+    samples = torch.stack([mu[i] + sigma[i] * torch.randn_like(mu)
+                           for i in (torch.randperm(mu.shape[0]) for _ in range(cfg.num_samples))])
+    targets = mu + sigma * torch.randn(cfg.num_target_samples, *mu.shape)
+    return energy_loss(samples, targets, beta=cfg.beta).loss.item()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="calm-quickstart", description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quickstart")
+    parser.add_argument("--out", default="runs/quickstart", help="output directory (reused: stages resume)")
+    parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's step count")
+    parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary trained on the corpus")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed")
+    start = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ae_preset, calm_preset = PRESETS[args.preset]
+
+    _banner(1, "prepare data: BPE tokenizer + WebDataset shards of the bundled corpus")
+    from calm_dist.data.prepare import prepare_bundled_corpus
+
+    data = prepare_bundled_corpus(out / "data", vocab_size=args.vocab_size)
+    print(f"  train {data.train.tokens:,} tokens in {len(data.train.shards)} shards, valid {data.valid.tokens:,} "
+          f"tokens; tokenizer {data.tokenizer_path}", flush=True)
+    common = [f"data.train_path={data.train.directory}", f"data.valid_path={data.valid.directory}",
+              f"data.tokenizer={data.tokenizer_path}", f"model.vocab_size={data.train.vocab_size}",
+              f"model.pad_token_id={data.train.pad_id}", f"model.bos_token_id={data.train.bos_id}",
+              f"model.eos_token_id={data.train.eos_id}"]
+
+    _banner(2, "stage 1: train the autoencoder")
+    ae_run = out / "autoencoder"
+    _train(ae_preset, common + [f"training.output_dir={ae_run}"], args.steps_scale, out / "autoencoder.log")
+
+    _banner(3, "stage 2: train CALM on the frozen autoencoder")
+    calm_run = out / "calm"
+    _train(calm_preset, common + [f"training.output_dir={calm_run}", f"training.autoencoder_path={ae_run / 'autoencoder'}"],
+           args.steps_scale, out / "calm.log")
+
+    _banner(4, "evaluate")
+    import torch
+
+    from calm_dist.data.loader import read_eval_blocks
+    from calm_dist.data.tokenizer import load_tokenizer
+    from calm_dist.generation import generate_calm
+
+    ae_eval, calm_eval = _last_eval(ae_run), _last_eval(calm_run)
+    model, cfg = _load_calm(calm_run, ae_run / "autoencoder")
+    torch.manual_seed(0)
+    blocks = read_eval_blocks(data.valid.directory, cfg.derived.block_tokens, max_blocks=cfg.training.eval_steps)
+    marginal = _marginal_energy(model, blocks)
+    summary = {
+        "autoencoder_recon_acc": ae_eval.get("recon_acc"),
+        "calm_energy_loss": calm_eval.get("loss"),
+        "unconditional_energy_loss": marginal,
+        **{k: calm_eval.get(k) for k in ("brier1", "brier2", "brier3", "brier4", "brierlm")},
+    }
+    print(f"  autoencoder: held-out token accuracy {summary['autoencoder_recon_acc']:.2%} "
+          "(decoding a posterior sample)")
+    print(f"  CALM: held-out energy loss {summary['calm_energy_loss']:.3f} vs {marginal:.3f} for an "
+          "unconditional predictor (lower is better; below it = the model uses its context)")
+    print(f"  CALM: BrierLM {summary['brierlm']:.2f} (Brier-1..4: "
+          + ", ".join(f"{summary[f'brier{n}']:.4f}" for n in range(1, 5)) + ")")
+
+    _banner(5, "generate")
+    tokenizer = load_tokenizer(data.tokenizer_path)
+    torch.manual_seed(0)
+    result = generate_calm(model, [tokenizer.encode(PROMPT)], max_new_tokens=48, eos_id=tokenizer.eos_id)
+    text = PROMPT + tokenizer.decode(result.tokens[0])
+    print(f"  {text!r}\n  ({len(result.tokens[0])} tokens in {result.model_steps} model steps: one per chunk of "
+          f"K = {cfg.model.patch_size})")
+    (out / "sample.txt").write_text(text + "\n")
+    summary.update({"sample": text, "model_steps": result.model_steps, "minutes": (time.time() - start) / 60})
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"\ndone in {summary['minutes']:.1f} min; outputs in {out}/ (summary.json, sample.txt, "
+          "autoencoder/ and calm/ runs with metrics.jsonl, TensorBoard logs and checkpoints)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
