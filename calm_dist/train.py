@@ -16,7 +16,10 @@ import logging
 import os
 import sys
 
+import torch
+
 from calm_dist.config import ConfigError, config_to_dict, load_config, validate
+from calm_dist.training.engine import DeepSpeedPresetError, build_ds_config
 
 
 def _world_size() -> int:
@@ -40,10 +43,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = validate(load_config(args.config, args.overrides), world_size=_world_size())
-        from calm_dist.training.engine import DeepSpeedPresetError, build_ds_config
-
-        import torch
-
         ds_config = build_ds_config(cfg, on_cuda=torch.cuda.is_available())
     except (ConfigError, DeepSpeedPresetError) as err:
         print(f"calm-train: error: {err}", file=sys.stderr)

@@ -10,7 +10,7 @@ per-token AE layers -> RMSNorm -> logits against the tied input embedding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -66,8 +66,9 @@ def _split_layers(count: int) -> tuple[int, int]:
     return before, count - before
 
 
-@dataclass
-class AutoencoderOutput:
+class AutoencoderOutput(NamedTuple):
+    """A NamedTuple so that DeepSpeed ZeRO-3 finds the tensors in it (its hooks see tuples)."""
+
     loss: torch.Tensor  # K * CE + kl_weight * KLclip (the training objective, eq. 1-4)
     ce: torch.Tensor  # mean token cross-entropy against the ORIGINAL tokens
     kl: torch.Tensor  # mean over chunks of the summed, unclipped per-dimension KL

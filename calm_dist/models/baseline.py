@@ -6,7 +6,7 @@ made with identical layers. Untied input and output embeddings, as the paper's T
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +16,9 @@ from calm_dist.config.schema import ModelConfig
 from calm_dist.models.backbone import Backbone
 
 
-@dataclass
-class BaselineOutput:
+class BaselineOutput(NamedTuple):
+    """A NamedTuple so that DeepSpeed ZeRO-3 finds the tensors in it (its hooks see tuples)."""
+
     loss: torch.Tensor  # mean next-token cross-entropy (fp32)
     num_positions: int
 

@@ -8,7 +8,7 @@ L latent, N head samples, M target samples, P = B*S positions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -26,8 +26,9 @@ def head_blocks(cfg: ModelConfig) -> int:
     return cfg.num_mlp_layers or max(1, cfg.num_layers // 4)
 
 
-@dataclass
-class CALMOutput:
+class CALMOutput(NamedTuple):
+    """A NamedTuple so that DeepSpeed ZeRO-3 finds the tensors in it (its hooks see tuples)."""
+
     loss: torch.Tensor  # mean over positions of 2 * fidelity - diversity
     fidelity: torch.Tensor  # mean ||z_n - y_m||^beta
     diversity: torch.Tensor  # mean ||z_n - z_k||^beta, n != k

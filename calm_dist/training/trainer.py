@@ -158,7 +158,11 @@ class Trainer:
     def save(self) -> str:
         from calm_dist.training.rng import capture_rng_state
 
-        rank_state = {"data": self.loader.state_dict(), "rng": capture_rng_state()}
+        # params_local: how much of the model this rank holds (under ZeRO-3 about 1/world).
+        params = list(self.engine.module.parameters())
+        params_local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+        rank_state = {"data": self.loader.state_dict(), "rng": capture_rng_state(), "params_local": params_local,
+                      "params_total": sum(getattr(p, "ds_numel", p.numel()) for p in params)}
         tag = self.checkpoints.save(self.engine, self.state.step, self._meta(), rank_state)
         logger.info("saved checkpoint %s", tag)
         return tag

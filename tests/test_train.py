@@ -1,0 +1,213 @@
+"""The trainer, end to end through its command line: real DeepSpeed ZeRO-3, 1 and 2 CPU ranks.
+
+Each multi-rank run is `torchrun ... -m calm_dist.train` in a subprocess (fresh process groups);
+a tiny model and a small prepared corpus keep each run to a few seconds of compute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from calm_dist.data.prepare import prepare_bundled_corpus
+from tests.dist_utils import REPO_ROOT, free_port
+
+TINY = [
+    "model.hidden_size=64", "model.intermediate_size=172", "model.num_layers=2", "model.num_attention_heads=4",
+    "autoencoder.hidden_size=64", "autoencoder.intermediate_size=160", "data.seq_length=64",
+    "training.micro_batch_size=4", "training.eval_steps=4", "optimizer.warmup_steps=2", "logging.log_interval=1",
+    "logging.tensorboard=false", "data.num_workers=0",
+]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "PYTHONWARNINGS": "ignore"}
+
+
+def _cmd(nproc: int) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "calm_dist.train"]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(free_port()), "-m", "calm_dist.train"]
+
+
+def train(data, preset: str, out: Path, *overrides: str, nproc: int = 1, check: bool = True, timeout: float = 240):
+    args = [*_cmd(nproc), "--config", preset, *data, *TINY, f"training.output_dir={out}", *overrides]
+    proc = subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Train loss per step; a step logged twice (before a kill and after the resume) keeps the last."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["kind"] == "train":
+            out[record["step"]] = record["loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Overrides pointing at a small prepared corpus (512-token BPE, 30 speeches)."""
+    prepared = prepare_bundled_corpus(tmp_path_factory.mktemp("data"), vocab_size=512, count=30,
+                                      shard_tokens=1 << 13)
+    t = prepared.train
+    return [f"data.train_path={t.directory}", f"data.valid_path={prepared.valid.directory}",
+            f"data.tokenizer={prepared.tokenizer_path}", f"model.vocab_size={t.vocab_size}",
+            f"model.pad_token_id={t.pad_id}", f"model.bos_token_id={t.bos_id}", f"model.eos_token_id={t.eos_id}"]
+
+
+@pytest.fixture(scope="module")
+def autoencoder(data, tmp_path_factory):
+    """Stage 1 with 2 ranks: trains, checkpoints, and exports the autoencoder for stage 2."""
+    out = tmp_path_factory.mktemp("ae")
+    train(data, "tiny_autoencoder", out, "training.train_steps=6", "training.save_interval=3",
+          "training.eval_interval=3", nproc=2)
+    return out
+
+
+def test_autoencoder_stage_on_two_ranks_partitions_and_exports(autoencoder):
+    run = autoencoder
+    assert sorted(losses(run)) == [1, 2, 3, 4, 5, 6]
+    ckpt = run / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "global_step6"
+    states = [torch.load(ckpt / "global_step6" / f"rank_{r:05d}.pt", weights_only=True) for r in (0, 1)]
+    total = states[0]["params_total"]
+    for state in states:  # ZeRO-3: each rank holds about half of the parameters
+        assert abs(state["params_local"] / total - 0.5) < 0.01, (state["params_local"], total)
+    meta = json.loads((ckpt / "global_step6" / "meta.json").read_text())
+    assert meta["layout"]["world_size"] == 2 and meta["layout"]["zero_stage"] == 3
+    assert meta["train_state"]["tokens"] == 6 * 8 * 64  # global batch 2 ranks x 4, 64 tokens each
+    evals = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
+    assert evals and 0.0 <= evals[-1]["recon_acc"] <= 1.0
+    assert (run / "autoencoder" / "model.safetensors").is_file() and (run / "ds_config.json").is_file()
+    ds = json.loads((run / "ds_config.json").read_text())
+    assert ds["train_batch_size"] == 8 and ds["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+
+
+@pytest.mark.parametrize("stage", ["calm", "baseline"])
+def test_language_model_stages_on_two_ranks(data, autoencoder, tmp_path, stage):
+    out = tmp_path / stage
+    train(data, f"tiny_{stage}", out, "training.train_steps=4", "training.save_interval=4",
+          "training.eval_interval=4", f"training.autoencoder_path={autoencoder / 'autoencoder'}", nproc=2)
+    assert sorted(losses(out)) == [1, 2, 3, 4]
+    final = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in l][-1]
+    assert {"brier1", "brier4", "brierlm", "loss"} <= set(final)
+    if stage == "baseline":
+        assert final["ppl"] > 1
+
+
+def test_kill_and_resume_gives_the_same_losses_bit_for_bit(data, autoencoder, tmp_path):
+    common = ["training.train_steps=30", "training.save_interval=4", "training.eval_steps=0",
+              f"training.autoencoder_path={autoencoder / 'autoencoder'}"]
+    straight = tmp_path / "straight"
+    train(data, "tiny_calm", straight, *common, nproc=2)
+    reference = losses(straight)
+
+    killed = tmp_path / "killed"
+    args = [*_cmd(2), "--config", "tiny_calm", *data, *TINY, f"training.output_dir={killed}", *common]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
+                            start_new_session=True)
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and latest.read_text().strip() not in ("", "global_step4"):
+            break  # at least two checkpoints written: kill mid-run
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed_from = int(latest.read_text().strip().removeprefix("global_step"))
+    assert resumed_from < 30
+
+    train(data, "tiny_calm", killed, *common, nproc=2)  # auto-resume from `latest`
+    after = losses(killed)
+    assert sorted(after) == list(range(1, 31))
+    for step in range(resumed_from + 1, 31):
+        assert after[step] == reference[step], (step, after[step], reference[step])
+
+
+def test_sigterm_to_one_rank_saves_and_both_exit_cleanly(data, autoencoder, tmp_path):
+    import psutil
+
+    out = tmp_path / "sigterm"
+    args = [*_cmd(2), "--config", "tiny_baseline", *data, *TINY, f"training.output_dir={out}",
+            "training.train_steps=100000", "training.save_interval=100000", "training.eval_steps=0"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.05)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "calm_dist.train" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    workers[-1].send_signal(signal.SIGTERM)  # like a pre-emption notice reaching one task first
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    step = int(tag.removeprefix("global_step"))
+    assert 3 <= step < 100000
+    assert "SIGTERM" in stdout + stderr
+
+
+def test_mismatched_config_is_refused_naming_the_field(data, autoencoder, tmp_path):
+    out = tmp_path / "run"
+    train(data, "tiny_autoencoder", out, "training.train_steps=2", "training.eval_steps=0")
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    proc = train(data, "tiny_autoencoder", out, "training.train_steps=4", "training.eval_steps=0",
+                 "autoencoder.hidden_size=32", "autoencoder.intermediate_size=80", check=False)
+    assert proc.returncode == 2
+    assert "autoencoder.hidden_size" in proc.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # nothing touched
+
+
+def test_bad_input_fails_before_training_with_clear_errors(data, tmp_path):
+    from calm_dist.train import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    base = ["--config", "tiny_autoencoder", *data, *TINY, f"training.output_dir={out}"]
+    # A batch that does not divide (validated for the launcher's world size, before any compute).
+    assert main(base + ["training.global_batch_size=6", "training.micro_batch_size=4"]) == 2
+    # A DeepSpeed preset with an unknown key.
+    preset = tmp_path / "bad.json"
+    preset.write_text(json.dumps({"zero_optimization": {"stage": 3}, "zero_optimisation_typo": 1}))
+    assert main(base + [f"parallel.ds_preset={preset}"]) == 2
+    # A missing data path (a subprocess: it is found after the process group starts).
+    proc = train(data, "tiny_autoencoder", out, f"data.train_path={tmp_path / 'nowhere'}", check=False)
+    assert proc.returncode == 2 and "nowhere" in proc.stderr
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert not (out / "checkpoints").exists()
+
+
+def test_calm_stage_needs_a_trained_autoencoder(data, tmp_path):
+    proc = train(data, "tiny_calm", tmp_path / "calm", "training.train_steps=2", check=False)
+    assert proc.returncode == 2 and "training.autoencoder_path" in proc.stderr
+
+
+GOLDEN = REPO_ROOT / "tests" / "golden" / "tiny_baseline.json"
+
+
+def test_tiny_run_reproduces_the_golden_losses(data, tmp_path):
+    """The tiny CPU config (single process, fixed seeds) against tests/golden/tiny_baseline.json.
+    Regenerate deliberately with CALM_UPDATE_GOLDEN=1 (and say why in the commit)."""
+    from calm_dist.training.golden import compare_losses, write_golden
+
+    out = tmp_path / "golden"
+    train(data, "tiny_baseline", out, "training.train_steps=8", "training.eval_steps=0")
+    if os.environ.get("CALM_UPDATE_GOLDEN") == "1":
+        write_golden(out, GOLDEN, "tiny_baseline + tests/test_train.py TINY overrides, 8 steps, 1 CPU process")
+    problems = compare_losses(out, GOLDEN, rtol=1e-3)
+    assert not problems, problems
