@@ -262,3 +262,21 @@ def test_several_shard_directories_exact_and_weighted(tmp_path):
     assert all(d < 8 for b in take(only_first, 8) for d in doc_of(b))
     with pytest.raises(ValueError, match="weights need resampled mode"):
         build_train_loader([first.directory, second.directory], BLOCK, MB, 0, 1, 0, seed=0, weights=[1, 1])
+
+
+def test_remote_shards_through_a_pipe_url_give_the_same_batches(ragged):
+    """A shard directory given as a WebDataset URL template (here `pipe:cat`, as `pipe:aws s3 cp
+    .../{shard} -` would be for an object store) reads the index and shards through the URL."""
+    from calm_dist.data.index import load_index
+    from calm_dist.data.loader import build_train_loader, read_eval_blocks
+
+    url = f"pipe:cat {ragged.directory}/{{shard}}"
+    remote = load_index(url)
+    assert remote.shards == ragged.shards and str(remote.shard_path(0)).startswith("pipe:cat ")
+    kwargs = dict(block_tokens=16, micro_batch_size=2, rank=0, world_size=1, num_workers=0, seed=3)
+    local_batches = take(build_train_loader(ragged.directory, **kwargs), 5)
+    remote_batches = take(build_train_loader(url, **kwargs), 5)
+    assert all(torch.equal(a, b) for a, b in zip(local_batches, remote_batches))
+    assert torch.equal(read_eval_blocks(url, 16), read_eval_blocks(ragged.directory, 16))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_index("pipe:cat /nowhere/{shard}")

@@ -211,3 +211,29 @@ def test_tiny_run_reproduces_the_golden_losses(data, tmp_path):
         write_golden(out, GOLDEN, "tiny_baseline + tests/test_train.py TINY overrides, 8 steps, 1 CPU process")
     problems = compare_losses(out, GOLDEN, rtol=1e-3)
     assert not problems, problems
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run_with_a_checkpoint(data, tmp_path):
+    """A learning rate of 1e30 blows the autoencoder's log-sigma up after the first update, so its
+    KL term overflows: every later loss is non-finite and skipped, and after max_bad_steps the run
+    stops with exit 1 and a checkpoint."""
+    out = tmp_path / "diverge"
+    proc = train(data, "tiny_autoencoder", out, "optimizer.lr=1e30", "optimizer.warmup_steps=0",
+                 "training.max_bad_steps=3", "training.train_steps=20", "training.eval_steps=0", check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "non-finite" in proc.stderr and "3 non-finite losses in a row" in proc.stderr
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    meta = json.loads((out / "checkpoints" / tag / "meta.json").read_text())
+    assert meta["train_state"]["skipped_batches"] == 3 and meta["train_state"]["step"] >= 1
+
+
+def test_the_deepspeed_launcher_works_too(data, tmp_path):
+    out = tmp_path / "ds_launcher"
+    args = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "calm_dist.train",
+            "--config", "tiny_baseline", *data, *TINY, f"training.output_dir={out}", "training.train_steps=2",
+            "training.eval_steps=0"]
+    launcher = Path(sys.executable).parent / "deepspeed"
+    proc = subprocess.run([str(launcher), *args[1:]], capture_output=True, text=True, env=_env(), timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    meta = json.loads((out / "checkpoints" / "global_step2" / "meta.json").read_text())
+    assert meta["layout"]["world_size"] == 2

@@ -48,6 +48,8 @@ class ShardIndex:
     settings: dict[str, Any] = field(default_factory=dict)  # how it was prepared (rerun check)
     stats: dict[str, Any] = field(default_factory=dict)  # documents skipped, sources, timings
     directory: Path = field(default=Path("."), compare=False)
+    # Remote shards: a WebDataset URL with "{shard}" for the file name (not stored; see load_index).
+    url_template: str = field(default="", compare=False)
 
     @property
     def docs(self) -> int:
@@ -57,7 +59,10 @@ class ShardIndex:
     def tokens(self) -> int:
         return sum(s.tokens for s in self.shards)
 
-    def shard_path(self, i: int) -> Path:
+    def shard_path(self, i: int) -> Path | str:
+        """A local path, or the URL of a remote shard."""
+        if self.url_template:
+            return self.url_template.format(shard=self.shards[i].name)
         return self.directory / self.shards[i].name
 
     def content_fingerprint(self) -> str:
@@ -68,6 +73,7 @@ class ShardIndex:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("directory")
+        data.pop("url_template")
         return {"format": INDEX_FORMAT, "version": INDEX_VERSION, **data}
 
     def save(self) -> None:
@@ -86,12 +92,41 @@ class ShardIndex:
         return cls(**fields, directory=directory)
 
 
+def is_shard_url(spec) -> bool:
+    """A remote shard directory: a URL template with "{shard}" standing for each file name."""
+    return isinstance(spec, str) and "{shard}" in spec
+
+
+def _load_remote_index(template: str) -> ShardIndex:
+    """index.json and the shards read through WebDataset's URL opener: `pipe:CMD` (object stores:
+    e.g. "pipe:aws s3 cp s3://bucket/train/{shard} -"), http(s)://, or a plain path."""
+    import json
+
+    from webdataset.gopen import gopen
+
+    url = template.format(shard=INDEX_NAME)
+    try:
+        with gopen(url, "rb") as stream:
+            data = json.loads(stream.read())
+    except Exception as err:  # a failed pipe, a 404, bad JSON: all say which URL
+        raise FileNotFoundError(f"{url}: cannot read the shard index ({type(err).__name__}: {err})") from err
+    index = ShardIndex.from_json(data, Path("."))
+    index.url_template = template
+    index.directory = Path(template.replace("{shard}", ""))  # for messages only
+    if not index.shards:
+        raise ValueError(f"{url}: the index lists no shards (was the input empty?)")
+    return index
+
+
 def load_index(path_or_index: "str | Path | ShardIndex") -> ShardIndex:
-    """A ShardIndex from a shard directory or its index.json (an index passes through)."""
+    """A ShardIndex from a shard directory or its index.json (an index passes through), or from a
+    remote directory given as a URL template with "{shard}" (see `_load_remote_index`)."""
     import json
 
     if isinstance(path_or_index, ShardIndex):
         return path_or_index
+    if is_shard_url(path_or_index):
+        return _load_remote_index(path_or_index)
     path = Path(path_or_index)
     if path.name == INDEX_NAME and path.is_file():
         path = path.parent

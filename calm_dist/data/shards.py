@@ -206,9 +206,13 @@ def read_shard(path: str | Path, expected: ShardInfo | None = None) -> list[np.n
     """
     from webdataset.tariterators import tar_file_iterator
 
-    path = Path(path)
-    if expected is not None:
+    if isinstance(path, str) and "://" in path or str(path).startswith("pipe:"):
+        raw = _read_url(str(path))  # remote: fetched whole (a shard is a few MB), then checked
+        size = len(raw)
+    else:
+        path, raw = Path(path), None
         size = path.stat().st_size if path.exists() else -1
+    if expected is not None:
         if size < 0:
             raise CorruptShardError(path, "missing (the index lists it)")
         if size != expected.bytes:
@@ -216,7 +220,7 @@ def read_shard(path: str | Path, expected: ShardInfo | None = None) -> list[np.n
                                           "replaced; copy it again or prepare the data again")
     docs: list[np.ndarray] = []
     try:
-        with open(path, "rb") as f:
+        with (io.BytesIO(raw) if raw is not None else open(path, "rb")) as f:
             for member in tar_file_iterator(f):
                 if not member["fname"].endswith("." + TOKENS_MEMBER):
                     continue
@@ -227,6 +231,16 @@ def read_shard(path: str | Path, expected: ShardInfo | None = None) -> list[np.n
     if expected is not None and len(docs) != expected.docs:
         raise CorruptShardError(path, f"holds {len(docs)} documents, the index says {expected.docs}: corrupt")
     return docs
+
+
+def _read_url(url: str) -> bytes:
+    from webdataset.gopen import gopen
+
+    try:
+        with gopen(url, "rb") as stream:
+            return stream.read()
+    except Exception as err:  # a failing pipe command raises on close
+        raise CorruptShardError(url, f"could not be read ({type(err).__name__}: {err})") from err
 
 
 def iter_index_documents(index: ShardIndex) -> Iterator[np.ndarray]:

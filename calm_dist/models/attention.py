@@ -137,10 +137,6 @@ class _CoreAttention(MegatronModule):
             return self.dropout_p, contextlib.nullcontext()
         return self.dropout_p, tensor_parallel.get_cuda_rng_tracker().fork()
 
-
-class SDPACoreAttention(_CoreAttention):
-    """Core attention through `torch.nn.functional.scaled_dot_product_attention`."""
-
     def forward(
         self,
         query: torch.Tensor,
@@ -151,7 +147,20 @@ class SDPACoreAttention(_CoreAttention):
         attention_bias: Optional[torch.Tensor] = None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        assert packed_seq_params is None and attention_bias is None, "not supported by 'sdpa'"
+        """megatron's `DotProductAttention.forward` signature; the backend's `_attend` does the work."""
+        assert packed_seq_params is None and attention_bias is None, "packed sequences and attention bias need 'te'"
+        dropout_p, rng = self._dropout()
+        with rng:
+            return self._attend(query, key, value, attention_mask, dropout_p)
+
+    def _attend(self, query, key, value, attention_mask, dropout_p: float) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SDPACoreAttention(_CoreAttention):
+    """Core attention through `torch.nn.functional.scaled_dot_product_attention`."""
+
+    def _attend(self, query, key, value, attention_mask, dropout_p: float) -> torch.Tensor:
         sq, b, sk = query.size(0), query.size(1), key.size(0)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
         attn_mask, is_causal = None, False
@@ -161,12 +170,10 @@ class SDPACoreAttention(_CoreAttention):
             is_causal = True
         elif self.causal and sq > 1:
             attn_mask = bottom_right_causal_mask(sq, sk, query.device)
-        dropout_p, rng = self._dropout()
-        with rng:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                scale=self.softmax_scale, enable_gqa=self.num_groups < self.num_heads,
-            )  # fmt: skip
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+            scale=self.softmax_scale, enable_gqa=self.num_groups < self.num_heads,
+        )  # fmt: skip
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
 
@@ -179,28 +186,15 @@ class FlashAttnCoreAttention(_CoreAttention):
 
         self._flash_attn_func = flash_attn_func
 
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: Optional[torch.Tensor],
-        attn_mask_type: Optional[AttnMaskType] = None,
-        attention_bias: Optional[torch.Tensor] = None,
-        packed_seq_params=None,
-    ) -> torch.Tensor:
-        assert packed_seq_params is None and attention_bias is None, "not supported by 'flash_attn'"
+    def _attend(self, query, key, value, attention_mask, dropout_p: float) -> torch.Tensor:
         if attention_mask is not None:
             raise ValueError("the 'flash_attn' backend takes no explicit attention_mask (causal only)")
         sq, b = query.size(0), query.size(1)
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, heads, hn]; GQA native
-        dropout_p, rng = self._dropout()
-        with rng:
-            # flash-attn >= 2.1 aligns a causal mask bottom-right when sq < sk (KV-cache steps).
-            out = self._flash_attn_func(
-                q, k, v, dropout_p=dropout_p, softmax_scale=self.softmax_scale,
-                causal=self.causal and sq > 1,
-            )  # fmt: skip
+        # flash-attn >= 2.1 aligns a causal mask bottom-right when sq < sk (KV-cache steps).
+        out = self._flash_attn_func(
+            q, k, v, dropout_p=dropout_p, softmax_scale=self.softmax_scale, causal=self.causal and sq > 1,
+        )  # fmt: skip
         return out.transpose(0, 1).reshape(sq, b, -1)
 
 

@@ -198,7 +198,7 @@ class Trainer:
                     raise TrainingStopped(
                         f"{bad_in_a_row} non-finite losses in a row at step {self.state.step + 1}: the run is "
                         "diverging (lower optimizer.lr, raise optimizer.warmup_steps, or check the data); the "
-                        "last good weights are checkpointed"
+                        "weights of the last completed step are checkpointed"
                     )
                 continue
             bad_in_a_row = 0
