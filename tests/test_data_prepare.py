@@ -203,3 +203,19 @@ def test_bundled_corpus_in_one_call(tmp_path):
     loader = build_train_loader(tmp_path / "train", 68, 4, 0, 1, 0, seed=0, packing="ae", patch_size=4)
     batch = next(loader)
     assert batch.shape == (4, 68) and int(batch.max()) <= 512
+
+
+def test_gzip_and_zstd_inputs_read_like_plain_ones(tmp_path):
+    import gzip
+
+    import zstandard
+
+    lines = [json.dumps({"text": f"compressed line {i} " * 5}) for i in range(4)]
+    payload = ("\n".join(lines) + "\n").encode()
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(payload))
+    (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(payload))
+    (tmp_path / "c.txt.zst").write_bytes(zstandard.ZstdCompressor().compress("a zstd text file".encode()))
+    docs = list(iter_documents([tmp_path]))
+    texts = [d.text for d in docs]
+    assert texts.count("compressed line 0 " * 5) == 2 and "a zstd text file" in texts
+    assert len(docs) == 9

@@ -54,7 +54,8 @@ def split_documents(docs: list[str], every: int = 10) -> tuple[list[str], list[s
 
 # Documents from files ------------------------------------------------------------------------------
 
-DOCUMENT_SUFFIXES = (".txt", ".md", ".rst", ".jsonl", ".txt.gz", ".md.gz", ".jsonl.gz")
+DOCUMENT_SUFFIXES = (".txt", ".md", ".rst", ".jsonl", ".txt.gz", ".md.gz", ".jsonl.gz", ".txt.zst", ".md.zst",
+                     ".jsonl.zst")
 
 
 class BadDocumentError(ValueError):
@@ -119,11 +120,23 @@ def _json_line_text(line: bytes, source: str, text_key: str) -> str:
     return text
 
 
+def _open_compressed(path: Path):
+    """A binary stream of the file's content: gzip and zstd (e.g. The Pile's .jsonl.zst) decoded."""
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.name.endswith(".zst"):
+        import io
+
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
 def _file_documents(path: Path, text_key: str) -> Iterator[Document | BadDocumentError]:
     """One document per text file; one per line of a JSON-lines file (its `text_key` field).
     Bad documents come back as errors, so the caller decides to raise or skip and go on."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as f:
+    with _open_compressed(path) as f:
         lines = enumerate(f, start=1) if ".jsonl" in path.name else [(0, f.read())]
         for number, raw in lines:
             source = f"{path}:{number}" if number else str(path)
@@ -137,7 +150,7 @@ def _file_documents(path: Path, text_key: str) -> Iterator[Document | BadDocumen
 
 def iter_documents(paths: Iterable[str | Path], text_key: str = "text", skip_bad: bool = False,
                    skipped: list[str] | None = None) -> Iterator[Document]:
-    """Documents from text, markdown and JSON-lines files (optionally .gz) and directories of them.
+    """Documents from text, markdown and JSON-lines files (optionally .gz or .zst) and directories of them.
 
     A document that is not UTF-8 (or a malformed JSON line) raises BadDocumentError naming the file,
     unless `skip_bad`: then it is left out, logged, and its source appended to `skipped`.

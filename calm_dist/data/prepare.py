@@ -123,8 +123,14 @@ def prepare_shards(documents: Iterable[Document | str], tokenizer: Tokenizer, ou
     preparers = {s: _SplitPreparer(ShardWriter(out_dir / s, s, fields[s], shard_tokens), tokenizer,
                                    batch_chars, num_threads) for s in splits if done[s] is None}
 
+    # A progress bar on an interactive terminal only (batch logs must not fill with bars).
+    from tqdm import tqdm
+
+    bar = tqdm(desc=f"preparing {out_dir}", unit=" docs", disable=not sys.stderr.isatty(), leave=False)
+
     def route(docs: Iterable[Document | str], split_of) -> None:
         for position, doc in enumerate(docs):
+            bar.update(1)
             split = split_of(position)
             if split in preparers:
                 preparers[split].add(doc.text if isinstance(doc, Document) else doc)
@@ -133,6 +139,7 @@ def prepare_shards(documents: Iterable[Document | str], tokenizer: Tokenizer, ou
     route(documents, lambda i: "valid" if is_held_out(i, valid_every) else "train")
     if valid_documents is not None:
         route(valid_documents, lambda i: "valid")
+    bar.close()
     for split, preparer in preparers.items():  # check every split before any index makes one look done
         preparer.flush()
         if preparer.stats["docs"] + preparer.stats["resumed_docs"] == 0:
