@@ -24,6 +24,7 @@ PAPER_PRESETS = {
     "autoencoder", "calm_m", "calm_l", "calm_xl", "transformer_s", "transformer_m", "transformer_l",
 }
 TINY_PRESETS = {"tiny_autoencoder", "tiny_calm", "tiny_baseline"}
+RUN_PRESETS = {"quickstart_autoencoder", "quickstart_calm", "demo_autoencoder", "demo_calm"}
 
 
 def write(path, text: str):
@@ -39,12 +40,12 @@ def tiny(*overrides: str, world_size: int = 1, preset: str = "tiny_calm") -> Job
 
 
 def test_preset_list_holds_paper_and_tiny_presets_but_no_fragments():
-    assert set(list_presets()) == PAPER_PRESETS | TINY_PRESETS
+    assert set(list_presets()) == PAPER_PRESETS | TINY_PRESETS | RUN_PRESETS
     assert all(not name.startswith("_") for name in list_presets())
     assert "_paper_common" in list_presets(include_fragments=True)
 
 
-@pytest.mark.parametrize("name", sorted(PAPER_PRESETS | TINY_PRESETS))
+@pytest.mark.parametrize("name", sorted(PAPER_PRESETS | TINY_PRESETS | RUN_PRESETS))
 def test_every_preset_loads_and_validates(name):
     cfg = validate(load_config([name]))
     assert cfg.derived is not None
