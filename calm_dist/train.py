@@ -70,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("calm_dist.train").error("%s", err)
         return 1
     except (FileNotFoundError, FileExistsError, ValueError) as err:
-        logging.getLogger("calm_dist.train").error("%s", err)
+        # Bad input (data, checkpoint, autoencoder, tokenizer): one clear line; the traceback
+        # only when asked for (CALM_DIST_DEBUG=1), since these are not bugs of ours.
+        logging.getLogger("calm_dist.train").error(
+            "%s: %s", type(err).__name__, err, exc_info=os.environ.get("CALM_DIST_DEBUG") == "1"
+        )
         return 2
     return 0
 
