@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from calm_dist.config import load_config, validate
 from calm_dist.config.schema import JobConfig
 
 
@@ -28,20 +27,6 @@ class Pretrained:
     model: nn.Module  # in eval mode
     config: JobConfig  # validated, world size 1
     tokenizer: object | None  # calm_dist.data.tokenizer.Tokenizer, when the run named a tokenizer file
-
-
-def _run_layout(path: Path) -> tuple[Path, Path, str | None]:
-    """(run directory, checkpoints directory, tag or None for the newest)."""
-    if (path / "checkpoints").is_dir():
-        return path, path / "checkpoints", None
-    if path.name.startswith("global_step") and (path / "meta.json").is_file():
-        return path.parent.parent, path.parent, path.name
-    if (path / "latest").is_file() or any(path.glob("global_step*")):
-        return path.parent, path, None
-    raise FileNotFoundError(
-        f"{path} is neither a training run (with checkpoints/), a checkpoints directory, nor a "
-        "checkpoint global_stepN: point to what calm_dist.train wrote"
-    )
 
 
 def _tokenizer_for(cfg: JobConfig):
@@ -69,27 +54,12 @@ def build_for_stage(cfg: JobConfig, autoencoder: nn.Module | None = None) -> nn.
     return CALM(cfg.model, autoencoder if autoencoder is not None else Autoencoder(cfg.autoencoder))
 
 
-def load_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
-    """A model from a training run's DeepSpeed checkpoint (any ZeRO stage)."""
-    from calm_dist.training.checkpoint import CheckpointManager, consolidate_fp32
+def load_from_checkpoint(path: str | Path, device: str | torch.device = "cpu", tag: str | None = None) -> Pretrained:
+    """A model from a training run's DeepSpeed checkpoint (any ZeRO stage, any training world
+    size), read-only: nothing in the checkpoint directory is touched."""
+    from calm_dist.convert.source import load_checkpoint_model, resolve_checkpoint
 
-    run_dir, ckpt_dir, tag = _run_layout(Path(path))
-    manager = CheckpointManager(ckpt_dir, keep_last=0, rank=0, world_size=1)
-    tag = tag or manager.resolve(-1)
-    if tag is None:
-        raise FileNotFoundError(f"{ckpt_dir} holds no complete checkpoint")
-    saved = manager.read_meta(tag)["config"]
-    from calm_dist.config import config_from_dict
-
-    cfg = validate(config_from_dict({k: v for k, v in saved.items() if k != "derived"}, source=str(ckpt_dir / tag)))
-    model = build_for_stage(cfg)
-    weights = consolidate_fp32(ckpt_dir, tag)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    # The frozen autoencoder inside CALM is saved too (DeepSpeed keeps frozen parameters).
-    if unexpected or missing:
-        raise RuntimeError(f"{ckpt_dir / tag} does not fit a {cfg.training.stage} model of its own config: "
-                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return Pretrained(cfg.training.stage, model.to(device).eval(), cfg, _tokenizer_for(cfg))
+    return load_checkpoint_model(resolve_checkpoint(path, tag), device=device)
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:

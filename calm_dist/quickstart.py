@@ -65,25 +65,6 @@ def _last_eval(run_dir: Path) -> dict:
     return last
 
 
-def _load_calm(run_dir: Path, ae_dir: Path):
-    """The trained CALM from its newest checkpoint, consolidated on this process's CPU."""
-    from calm_dist.config import load_config, validate
-    from calm_dist.models.autoencoder_io import load_autoencoder
-    from calm_dist.models.calm import CALM
-    from calm_dist.parallel.state import ensure_model_parallel
-    from calm_dist.training.checkpoint import CheckpointManager, consolidate_fp32
-
-    ensure_model_parallel()
-    cfg = validate(load_config([run_dir / "config.yaml"]))
-    model = CALM(cfg.model, load_autoencoder(ae_dir, cfg.autoencoder))
-    manager = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.training.keep_last, rank=0, world_size=1)
-    weights = consolidate_fp32(manager.save_dir, manager.resolve(-1))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or [k for k in missing if not k.startswith("autoencoder.")]:
-        raise RuntimeError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
-    return model.eval(), cfg
-
-
 def _marginal_energy(model, blocks) -> float:
     """Energy loss of an unconditional predictor (CALM.md §9.11): posterior samples of random
     other chunks as the model's samples. Beating it means the model uses its context."""
@@ -142,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     from calm_dist.generation import generate_calm
 
     ae_eval, calm_eval = _last_eval(ae_run), _last_eval(calm_run)
-    model, cfg = _load_calm(calm_run, ae_run / "autoencoder")
+    from calm_dist.pretrained import load_pretrained
+
+    trained = load_pretrained(calm_run)  # the newest checkpoint, consolidated on this CPU
+    model, cfg = trained.model, trained.config
     torch.manual_seed(0)
     blocks = read_eval_blocks(data.valid.directory, cfg.derived.block_tokens, max_blocks=cfg.training.eval_steps)
     marginal = _marginal_energy(model, blocks)

@@ -17,55 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from calm_dist.data.prepare import prepare_bundled_corpus
+from calm_dist.training.golden import run_losses as losses
 from tests.dist_utils import REPO_ROOT, free_port
-
-TINY = [
-    "model.hidden_size=64", "model.intermediate_size=172", "model.num_layers=2", "model.num_attention_heads=4",
-    "autoencoder.hidden_size=64", "autoencoder.intermediate_size=160", "data.seq_length=64",
-    "training.micro_batch_size=4", "training.eval_steps=4", "optimizer.warmup_steps=2", "logging.log_interval=1",
-    "logging.tensorboard=false", "data.num_workers=0",
-]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "PYTHONWARNINGS": "ignore"}
-
-
-def _cmd(nproc: int) -> list[str]:
-    if nproc == 1:
-        return [sys.executable, "-m", "calm_dist.train"]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_port", str(free_port()), "-m", "calm_dist.train"]
-
-
-def train(data, preset: str, out: Path, *overrides: str, nproc: int = 1, check: bool = True, timeout: float = 240):
-    args = [*_cmd(nproc), "--config", preset, *data, *TINY, f"training.output_dir={out}", *overrides]
-    proc = subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """Train loss per step; a step logged twice (before a kill and after the resume) keeps the last."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record["kind"] == "train":
-            out[record["step"]] = record["loss"]
-    return out
+from tests.train_utils import TINY, child_env, prepared_corpus_overrides, train, train_command
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Overrides pointing at a small prepared corpus (512-token BPE, 30 speeches)."""
-    prepared = prepare_bundled_corpus(tmp_path_factory.mktemp("data"), vocab_size=512, count=30,
-                                      shard_tokens=1 << 13)
-    t = prepared.train
-    return [f"data.train_path={t.directory}", f"data.valid_path={prepared.valid.directory}",
-            f"data.tokenizer={prepared.tokenizer_path}", f"model.vocab_size={t.vocab_size}",
-            f"model.pad_token_id={t.pad_id}", f"model.bos_token_id={t.bos_id}", f"model.eos_token_id={t.eos_id}"]
+    return prepared_corpus_overrides(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +76,8 @@ def test_kill_and_resume_gives_the_same_losses_bit_for_bit(data, autoencoder, tm
     reference = losses(straight)
 
     killed = tmp_path / "killed"
-    args = [*_cmd(2), "--config", "tiny_calm", *data, *TINY, f"training.output_dir={killed}", *common]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
+    args = [*train_command(2), "--config", "tiny_calm", *data, *TINY, f"training.output_dir={killed}", *common]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env(),
                             start_new_session=True)
     latest = killed / "checkpoints" / "latest"
     deadline = time.time() + 180
@@ -142,9 +102,9 @@ def test_sigterm_to_one_rank_saves_and_both_exit_cleanly(data, autoencoder, tmp_
     import psutil
 
     out = tmp_path / "sigterm"
-    args = [*_cmd(2), "--config", "tiny_baseline", *data, *TINY, f"training.output_dir={out}",
+    args = [*train_command(2), "--config", "tiny_baseline", *data, *TINY, f"training.output_dir={out}",
             "training.train_steps=100000", "training.save_interval=100000", "training.eval_steps=0"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
                             start_new_session=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 180
@@ -233,7 +193,7 @@ def test_the_deepspeed_launcher_works_too(data, tmp_path):
             "--config", "tiny_baseline", *data, *TINY, f"training.output_dir={out}", "training.train_steps=2",
             "training.eval_steps=0"]
     launcher = Path(sys.executable).parent / "deepspeed"
-    proc = subprocess.run([str(launcher), *args[1:]], capture_output=True, text=True, env=_env(), timeout=240)
+    proc = subprocess.run([str(launcher), *args[1:]], capture_output=True, text=True, env=child_env(), timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     meta = json.loads((out / "checkpoints" / "global_step2" / "meta.json").read_text())
     assert meta["layout"]["world_size"] == 2

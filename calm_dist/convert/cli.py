@@ -1,0 +1,83 @@
+"""`calm-convert`: convert, inspect and compare checkpoints from the command line.
+
+    calm-convert convert runs/quickstart/calm exports/calm              # latest, float32, verified
+    calm-convert convert runs/x/checkpoints exports/x --tag global_step500 --dtype bfloat16
+    calm-convert convert runs/x exports/x --autoencoder reference      # autoencoder in exports/x/autoencoder/
+    calm-convert inspect runs/quickstart/calm                           # or a converted directory
+    calm-convert diff runs/x/checkpoints/global_step500 exports/x
+
+Bad input (a path that is not a checkpoint, a missing tag or file, a damaged shard) exits with
+status 2 and one line on stderr; a failed verification exits with 1 and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from calm_dist.convert.export import DTYPES, convert_checkpoint
+from calm_dist.convert.summary import diff_checkpoints, format_diff, format_inspection, inspect_checkpoint
+from calm_dist.convert.verify import VerificationError
+
+PROG = "calm-convert"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Convert, inspect and compare calm_dist checkpoints.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    convert = commands.add_parser("convert", help="a ZeRO checkpoint -> config.json + safetensors + tokenizer")
+    convert.add_argument("src", help="a training run directory, its checkpoints/ directory, or a global_stepN directory")
+    convert.add_argument("out", help="the output directory (written atomically)")
+    convert.add_argument("--tag", help="the checkpoint to convert, e.g. global_step500 (default: the one `latest` names)")
+    convert.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype (default float32)")
+    convert.add_argument("--autoencoder", choices=("embed", "reference"), default="embed",
+                         help="CALM only: keep the frozen autoencoder inside model.safetensors (embed), or write "
+                              "it to OUT/autoencoder/ and reference it from config.json (reference)")
+    convert.add_argument("--no-verify", action="store_true", help="skip the output check against the checkpoint")
+    convert.add_argument("--tokenizer", help="tokenizer to ship instead of the run's data.tokenizer")
+    convert.add_argument("--allow-missing-tokenizer", action="store_true",
+                         help="convert without tokenizer.json when the run's tokenizer cannot be found")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+    inspect = commands.add_parser("inspect", help="step, config, parameter counts and tensor shapes")
+    inspect.add_argument("path", help="a checkpoint (run, checkpoints/ or global_stepN directory) or a converted directory")
+    inspect.add_argument("--tag", help="the checkpoint to inspect (default: the one `latest` names)")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.add_argument("--max-tensors", type=int, default=200, help="tensors listed in the text output")
+
+    diff = commands.add_parser("diff", help="config fields, tensor names, shapes and values that differ")
+    diff.add_argument("a")
+    diff.add_argument("b")
+    diff.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "convert":
+            convert_checkpoint(args.src, args.out, tag=args.tag, dtype=args.dtype,
+                               embed_autoencoder=args.autoencoder == "embed", verify=not args.no_verify,
+                               tokenizer=args.tokenizer, allow_missing_tokenizer=args.allow_missing_tokenizer,
+                               overwrite=args.overwrite)
+            print(args.out)
+        elif args.command == "inspect":
+            info = inspect_checkpoint(args.path, tag=args.tag)
+            print(json.dumps(info, indent=2) if args.json else format_inspection(info, args.max_tensors))
+        else:
+            result = diff_checkpoints(args.a, args.b)
+            print(json.dumps(result, indent=2) if args.json else format_diff(result))
+    except VerificationError as err:
+        print(f"{PROG}: verification failed, nothing written: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as err:  # ConversionError and ConfigError are ValueErrors
+        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

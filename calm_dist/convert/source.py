@@ -1,0 +1,180 @@
+"""The input side of conversion: find one complete ZeRO checkpoint, check its files, read its
+metadata and configuration, and consolidate its weights on CPU.
+
+Nothing here writes to the checkpoint directory (unlike a training CheckpointManager on rank 0,
+which removes leftovers of interrupted saves): converting next to a live run is safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from calm_dist.config import config_from_dict, validate
+from calm_dist.config.schema import JobConfig
+from calm_dist.training.checkpoint import LATEST, META
+
+_TAG = re.compile(r"^global_step(\d+)$")
+
+
+class ConversionError(ValueError):
+    """Bad input to the converter: a wrong path, a missing tag or file, a damaged checkpoint."""
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """One complete checkpoint: `checkpoints_dir / tag`, inside the training run `run_dir`."""
+
+    run_dir: Path
+    checkpoints_dir: Path
+    tag: str
+
+    @property
+    def path(self) -> Path:
+        return self.checkpoints_dir / self.tag
+
+    def meta(self) -> dict:
+        return json.loads((self.path / META).read_text())
+
+
+def complete_tags(checkpoints_dir: Path) -> list[str]:
+    """`global_stepN` directories holding meta.json (written last, so complete), oldest first."""
+    found = [(int(m.group(1)), e.name) for e in checkpoints_dir.iterdir()
+             if (m := _TAG.match(e.name)) and (e / META).is_file()]
+    return [name for _, name in sorted(found)]
+
+
+def _available(checkpoints_dir: Path) -> str:
+    return ", ".join(complete_tags(checkpoints_dir)) or "none"
+
+
+def resolve_checkpoint(src: str | Path, tag: str | None = None) -> CheckpointRef:
+    """A training run directory, its `checkpoints/` directory or one `global_stepN` directory,
+    resolved to one complete checkpoint: `tag` when given, else the one `latest` names."""
+    src = Path(src)
+    if not src.is_dir():
+        raise ConversionError(f"{src} does not exist or is not a directory")
+    if _TAG.match(src.name) and src.parent.is_dir():
+        if not (src / META).is_file():
+            raise ConversionError(f"{src} is not a complete checkpoint (no {META}: an interrupted or "
+                                  f"unfinished save); complete ones: {_available(src.parent)}")
+        if tag not in (None, src.name):
+            raise ConversionError(f"--tag {tag} contradicts the checkpoint directory given, {src}")
+        return CheckpointRef(src.parent.parent, src.parent, src.name)
+    if (src / "checkpoints").is_dir():
+        run_dir, ckpt_dir = src, src / "checkpoints"
+    elif (src / LATEST).is_file() or any(_TAG.match(e.name) for e in src.iterdir()):
+        run_dir, ckpt_dir = src.parent, src
+    else:
+        raise ConversionError(f"{src} is not a checkpoint: expected a training run directory (with "
+                              "checkpoints/), a checkpoints directory (with latest and global_stepN/) "
+                              "or one global_stepN directory")
+    if tag is None:
+        latest = ckpt_dir / LATEST
+        if not latest.is_file():
+            raise ConversionError(f"{ckpt_dir} has no '{LATEST}' file; pick a tag with --tag, "
+                                  f"available: {_available(ckpt_dir)}")
+        tag = latest.read_text().strip()
+        if tag not in complete_tags(ckpt_dir):
+            raise ConversionError(f"'{LATEST}' in {ckpt_dir} names {tag!r}, which is not a complete "
+                                  f"checkpoint; available: {_available(ckpt_dir)}")
+    elif tag not in complete_tags(ckpt_dir):
+        raise ConversionError(f"no complete checkpoint {tag!r} in {ckpt_dir}; available: {_available(ckpt_dir)}")
+    return CheckpointRef(run_dir, ckpt_dir, tag)
+
+
+def check_shards(ref: CheckpointRef) -> None:
+    """Every rank's DeepSpeed shard is present and whole, before DeepSpeed unpickles any of them
+    (its own errors name neither the file nor the cause)."""
+    meta = ref.meta()
+    layout = meta.get("layout", {})
+    tp, pp = layout.get("tensor_parallel", 1), layout.get("pipeline_parallel", 1)
+    if tp * pp != 1:
+        raise ConversionError(f"{ref.path} was written with tensor/pipeline parallelism (TP={tp}, PP={pp}); "
+                              "merging model-parallel shards is not supported yet")
+    stage, ranks = layout.get("zero_stage", 3), meta.get("world_size")
+    if stage < 1:
+        raise ConversionError(f"{ref.path} was written without ZeRO (zero_stage 0): DeepSpeed's consolidation "
+                              "reads ZeRO stages 1-3 only")
+    # One optimizer shard per rank; model states per rank under ZeRO-3, one file below it.
+    for kind, expected in (("model", ranks if stage == 3 else 1), ("optim", ranks)):
+        files = sorted(ref.path.glob(f"*_{kind}_states.pt"))
+        if not files:
+            raise ConversionError(f"{ref.path} holds no DeepSpeed *_{kind}_states.pt files: not a ZeRO checkpoint")
+        if expected is not None and len(files) != expected:
+            raise ConversionError(f"{ref.path} was written by {ranks} ranks but holds {len(files)} "
+                                  f"*_{kind}_states.pt files: shards are missing or come from another run")
+        for path in files:  # torch.save writes a zip archive; truncation loses its central directory
+            try:
+                with zipfile.ZipFile(path):
+                    pass
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise ConversionError(f"shard {path} is truncated or corrupt ({exc})") from None
+
+
+def single_process_config(saved: dict, source: str) -> JobConfig:
+    """The run's configuration, validated for one process (as evaluation and generation run).
+
+    The saved batch arithmetic belongs to the training world size: the accumulation steps are
+    re-derived from the global batch for one rank, and the derived section is recomputed.
+    """
+    data = json.loads(json.dumps(saved))  # a deep copy of plain data
+    data.pop("derived", None)
+    data.setdefault("training", {})["gradient_accumulation_steps"] = 0
+    return validate(config_from_dict(data, source=source), world_size=1)
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """DeepSpeed prints progress to stdout; ours (and a CLI's results) keep stdout clean."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+def lazy_state_dict(ref: CheckpointRef) -> dict:
+    """DeepSpeed's lazy consolidation: name -> an object whose `.contiguous()` is the full fp32
+    tensor. The optimizer shards are memory-mapped and each parameter is gathered on demand."""
+    check_shards(ref)
+    with _stdout_to_stderr():  # DeepSpeed logs to stdout from its first import on
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(ref.checkpoints_dir), tag=ref.tag, lazy_mode=True)
+
+
+def consolidated_weights(ref: CheckpointRef) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full fp32 tensor) pairs, one materialised at a time: the caller decides how many
+    exist at once."""
+    seen: set[int] = set()
+    for name, lazy in lazy_state_dict(ref).items():
+        tensor = lazy.contiguous()
+        if id(lazy) in seen:  # a tied parameter under two names: safetensors wants two tensors
+            tensor = tensor.clone()
+        seen.add(id(lazy))
+        yield name, tensor
+
+
+def load_checkpoint_model(ref: CheckpointRef, device: str | torch.device = "cpu"):
+    """The model straight from the checkpoint (fp32, eval mode): the reference verification
+    compares a converted directory against. Uses the training code's own consolidation
+    (`consolidate_fp32`, DeepSpeed's eager path), not the converter's lazy one."""
+    from calm_dist.pretrained import Pretrained, build_for_stage, _tokenizer_for
+    from calm_dist.training.checkpoint import consolidate_fp32
+
+    check_shards(ref)
+    cfg = single_process_config(ref.meta()["config"], source=str(ref.path))
+    model = build_for_stage(cfg)
+    with _stdout_to_stderr():
+        weights = consolidate_fp32(ref.checkpoints_dir, ref.tag)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ConversionError(f"{ref.path} does not fit a {cfg.training.stage} model of its own config: "
+                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return Pretrained(cfg.training.stage, model.to(device).eval(), cfg, _tokenizer_for(cfg))
