@@ -21,16 +21,22 @@ def rank_slice(blocks_BT: torch.Tensor, rank: int, world_size: int) -> torch.Ten
 
 
 def _fixed_call_count(model, calls: int):
-    """A `next_token_probs` that can be topped up to exactly `calls` forwards per block."""
+    """A `next_token_probs` that runs the same number of forwards on every rank: each call agrees
+    the largest prefix count across ranks and pads to it, and `top_up` makes the calls a rank did
+    not need (its samples all diverged early), so ZeRO-3's collective gathers always pair up."""
     inner = baseline_next_token_probs(model)
     state = {"made": 0}
 
     def next_token_probs(prefixes):
         state["made"] += 1
-        return inner(prefixes)
+        count = torch.tensor([len(prefixes)], device=model.embed_tokens.weight.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        padded = list(prefixes) + [prefixes[0]] * (int(count.item()) - len(prefixes))
+        return inner(padded)[: len(prefixes)]
 
     def top_up(tokens_T: torch.Tensor) -> None:
-        while state["made"] < calls:  # every rank must run as many forwards as the others
+        while state["made"] < calls:
             next_token_probs([tokens_T[:1]])
         state["made"] = 0
 
