@@ -5,6 +5,7 @@ from calm_dist.config.errors import ConfigError  # noqa: F401
 from calm_dist.config.loader import (  # noqa: F401
     config_from_dict,
     config_to_dict,
+    flatten_config,
     list_presets,
     load_config,
     save_config,

@@ -263,3 +263,13 @@ def _is_text(tp: Any) -> bool:
         return all(isinstance(a, str) for a in typing.get_args(tp))
     return tp is str
 
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"hidden_size": 512}} -> {"model.hidden_size": 512}: dotted keys, for diffs."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from calm_dist.config import flatten_config
 from calm_dist.convert.hf_config import (
     AE_PREFIX,
     CONFIG_NAME,
@@ -116,21 +117,11 @@ def inspect_checkpoint(path: str | Path, tag: str | None = None) -> dict:
     }
 
 
-def _flatten(config: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def diff_checkpoints(a: str | Path, b: str | Path) -> dict:
     """Configuration fields that differ (dotted names), tensors only in one side, shape mismatches,
     and the max absolute difference of every common tensor (computed in float32)."""
     left, right = _open(a), _open(b)
-    flat_a, flat_b = _flatten(left.config), _flatten(right.config)
+    flat_a, flat_b = flatten_config(left.config), flatten_config(right.config)
     config = {key: [flat_a.get(key), flat_b.get(key)] for key in sorted(flat_a.keys() | flat_b.keys())
               if flat_a.get(key) != flat_b.get(key)}
     common = [name for name in left.shapes if name in right.shapes]

@@ -36,6 +36,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from calm_dist.config import flatten_config
+
 logger = logging.getLogger(__name__)
 
 LATEST = "latest"
@@ -259,7 +261,7 @@ def check_compatible(saved_config: dict, current_config: dict) -> None:
     """Raise CheckpointMismatch naming every field that makes the saved weights or optimizer state
     unusable in the current run (the model and autoencoder sections, stage and parallel layout).
     Other fields (learning rate, step counts, logging) may change between runs."""
-    saved, current = _flatten(saved_config), _flatten(current_config)
+    saved, current = flatten_config(saved_config), flatten_config(current_config)
     names = sorted(
         name
         for name in saved.keys() | current.keys()
@@ -290,16 +292,6 @@ def consolidate_fp32(save_dir: str | os.PathLike, tag: str) -> dict[str, torch.T
 
 
 # ---- filesystem and collective helpers --------------------------------------------------------
-
-
-def _flatten(config: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _write_atomic(path: Path, write: Callable) -> None:

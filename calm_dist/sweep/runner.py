@@ -1,0 +1,174 @@
+"""Run a planned sweep: locally, one point after another, or as ONE SLURM job array.
+
+Points that are finished, running or submitted (pending) are skipped unless `force`; planned and
+failed points are (re)started, and the trainer resumes a failed one from its `latest` checkpoint.
+The array script picks its point by SLURM_ARRAY_TASK_ID from the list written into it, and
+trains it through `slurm/train.sbatch` when that exists (run as `bash slurm/train.sbatch --config
+FILE training.output_dir=DIR` inside the array task: it sources slurm/site.sh, launches torchrun under
+srun, and requeues the task after the pre-end signal) or else with `python -m calm_dist.train
+--config FILE` directly (a SIGUSR1 then makes the trainer save and exit; `submit` again resumes).
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from calm_dist.sweep.plan import read_plan
+from calm_dist.sweep.spec import SweepError
+from calm_dist.sweep.state import read_job, sweep_states, write_job
+
+ARRAY_SCRIPT = "sweep_array.sbatch"
+REPO_TRAIN_SBATCH = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch"
+_SKIP = ("finished", "running", "submitted")
+
+
+def select_points(sweep_dir: Path, force: bool) -> tuple[dict[str, Any], list[int], list[dict[str, Any]]]:
+    """(plan, indices of the points to start, all points); prints what is skipped and why."""
+    plan, points = read_plan(sweep_dir)
+    chosen = []
+    for i, (p, (state, step, _)) in enumerate(zip(points, sweep_states(sweep_dir, points))):
+        if state in _SKIP and not force:
+            print(f"skip {p['name']}: {state} (step {step}/{p['train_steps']})")
+        else:
+            chosen.append(i)
+    return plan, chosen, points
+
+
+def train_command(config: Path) -> list[str]:
+    return [sys.executable, "-m", "calm_dist.train", "--config", str(config)]
+
+
+def run_local(sweep_dir: Path, dry_run: bool = False, force: bool = False) -> int:
+    """Train the selected points one after another; returns the number that failed."""
+    sweep_dir = Path(sweep_dir).resolve()
+    _, chosen, points = select_points(sweep_dir, force)
+    failed = 0
+    for i in chosen:
+        p = points[i]
+        point_dir = sweep_dir / p["name"]
+        cmd = train_command(point_dir / "config.yaml")
+        if dry_run:
+            print(shlex.join(cmd))
+            continue
+        print(f"[{i + 1}/{len(points)}] {p['name']}: training {p['train_steps']} steps "
+              f"(log: {point_dir / 'train.log'})",
+              flush=True)
+        with open(point_dir / "train.log", "a") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            record = {"mode": "local", "pid": proc.pid, "host": socket.gethostname(),
+                      "submitted": time.time(), "command": cmd, "exit_code": None}
+            write_job(point_dir, record)
+            try:
+                code = proc.wait()
+            except BaseException:
+                proc.terminate()  # the trainer saves a checkpoint on SIGTERM
+                write_job(point_dir, {**record, "exit_code": proc.wait()})
+                raise
+        write_job(point_dir, {**record, "exit_code": code})
+        if code != 0:
+            failed += 1
+            print(f"  {p['name']} FAILED (exit {code}); see {point_dir / 'train.log'}", flush=True)
+    if not chosen:
+        print("nothing to run")
+    return failed
+
+
+def array_spec(indices: list[int], max_concurrent: int = 0) -> str:
+    """0-3 for a contiguous run, else 1,3,5; %N throttles."""
+    if indices == list(range(indices[0], indices[-1] + 1)):
+        text = f"{indices[0]}-{indices[-1]}" if len(indices) > 1 else str(indices[0])
+    else:
+        text = ",".join(map(str, indices))
+    return f"{text}%{max_concurrent}" if max_concurrent else text
+
+
+def train_script(setting: str) -> str:
+    """The script each array task runs the trainer through: '' picks slurm/train.sbatch when present."""
+    if setting == "python":
+        return ""
+    if setting:
+        if not Path(setting).is_file():
+            raise SweepError(f"slurm.train_script {setting!r} does not exist")
+        return str(Path(setting).resolve())
+    return str(REPO_TRAIN_SBATCH) if REPO_TRAIN_SBATCH.is_file() else ""
+
+
+def array_script(plan: dict[str, Any], points: list[dict[str, Any]], sweep_dir: Path, via: str) -> str:
+    names = "\n".join(f"  {shlex.quote(p['name'])}" for p in points)
+    if via:  # train.sbatch forwards its arguments to the trainer and needs output_dir among them
+        root = Path(via).resolve().parents[1]
+        launch = (f'export CALM_ROOT="${{CALM_ROOT:-{shlex.quote(str(root))}}}"\n'
+                  f'exec bash {shlex.quote(via)} --config "$config" "training.output_dir=$SWEEP_DIR/$point"')
+    else:
+        launch = f'exec {shlex.quote(sys.executable)} -m calm_dist.train --config "$config"'
+    return f"""#!/bin/bash
+# Generated by calm-sweep for sweep {plan['name']}: array task i trains point POINTS[i].
+# Submitted as one job array (sbatch --array); regenerated on every submit, do not edit.
+set -euo pipefail
+SWEEP_DIR={shlex.quote(str(sweep_dir))}
+POINTS=(
+{names}
+)
+: "${{SLURM_ARRAY_TASK_ID:?run this script with sbatch --array}}"
+point="${{POINTS[$SLURM_ARRAY_TASK_ID]}}"
+config="$SWEEP_DIR/$point/config.yaml"
+echo "calm-sweep: array task $SLURM_ARRAY_TASK_ID of job ${{SLURM_ARRAY_JOB_ID:-?}}: $point"
+cd {shlex.quote(str(Path.cwd()))}
+export PYTHONFAULTHANDLER=1
+{launch}
+"""
+
+
+def sbatch_command(plan: dict[str, Any], indices: list[int], sweep_dir: Path) -> list[str]:
+    slurm = plan.get("slurm") or {}
+    return ["sbatch", "--parsable", f"--array={array_spec(indices, slurm.get('max_concurrent', 0))}",
+            f"--job-name=sweep-{plan['name']}", f"--output={sweep_dir / 'slurm-%A_%a.out'}",
+            "--signal=B:USR1@600", "--requeue", "--open-mode=append", *slurm.get("sbatch_args", []),
+            str(sweep_dir / ARRAY_SCRIPT)]
+
+
+def submit_slurm(sweep_dir: Path, dry_run: bool = False, force: bool = False) -> int:
+    """One sbatch --array for the selected points; records the task id in each point's job.json."""
+    sweep_dir = Path(sweep_dir).resolve()
+    plan, chosen, points = select_points(sweep_dir, force)
+    if not chosen:
+        print("nothing to submit")
+        return 0
+    script = array_script(plan, points, sweep_dir, train_script((plan.get("slurm") or {}).get("train_script", "")))
+    cmd = sbatch_command(plan, chosen, sweep_dir)
+    if dry_run:
+        print(f"# would write {sweep_dir / ARRAY_SCRIPT}:")
+        print(script, end="")
+        print("# would run:")
+        print(shlex.join(cmd))
+        return 0
+    if shutil.which("sbatch") is None:
+        raise SweepError("sbatch is not on PATH: submit from a SLURM login node, or use --local "
+                         "(nothing was submitted)")
+    (sweep_dir / ARRAY_SCRIPT).write_text(script)
+    (sweep_dir / ARRAY_SCRIPT).chmod(0o755)
+    check = subprocess.run([cmd[0], "--test-only", *cmd[2:]], capture_output=True, text=True)
+    if check.returncode != 0:
+        raise SweepError(f"sbatch --test-only refused the array (nothing was submitted):\n{check.stderr.strip()}")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SweepError(f"sbatch failed (exit {proc.returncode}), nothing was submitted:\n{proc.stderr.strip()}")
+    job = proc.stdout.strip().split(";")[0]
+    if not job.isdigit():
+        raise SweepError(f"cannot read a job id from sbatch's output {proc.stdout!r}")
+    now = time.time()
+    for i in chosen:
+        point_dir = sweep_dir / points[i]["name"]
+        previous = read_job(point_dir)
+        write_job(point_dir, {"mode": "slurm", "job_id": f"{job}_{i}", "array_job": job, "submitted": now,
+                              "command": cmd, "exit_code": None,
+                              "previous": previous.get("job_id") if previous else None})
+    print(f"submitted job array {job} ({len(chosen)} points): {shlex.join(cmd)}")
+    return 0
