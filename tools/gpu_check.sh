@@ -2,7 +2,7 @@
 # GPU checks for the device machine: the gpu-marked tests, then CALM-M vs Transformer-M
 # forward+backward timing. Results go under $OUT (default: ./gpu_results).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT="${OUT:-$PWD/gpu_results}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
