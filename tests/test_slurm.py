@@ -208,3 +208,30 @@ def test_chain_runs_in_order(cluster, data, tmp_path):
         assert after["Dependency"] in ("(null)", "")  # satisfied and cleared
     assert (out / "stage1" / "autoencoder").is_dir() and latest_step(out / "stage2") == 2
     assert (out / "converted").is_dir() and json.loads((out / "eval.json").read_text())
+
+
+def test_sweep_runs_as_a_job_array_then_collects_and_fits(cluster, data, tmp_path):
+    """4 tiny baselines (2 sizes x 2 token budgets) submitted as ONE SLURM job array through
+    calm-sweep, then collected into a CSV and fitted into a PNG."""
+    import yaml
+
+    sweep = {"name": "arr", "base": ["tiny_baseline"],
+             "overrides": [*data, "training.eval_steps=2", "training.save_interval=100"],
+             "sizes": {"a": {"hidden_size": 32, "num_layers": 1}, "b": {"hidden_size": 64, "num_layers": 2}},
+             "axes": {"model": ["a", "b"], "tokens": [768, 1536]}}
+    spec = tmp_path / "arr.yaml"
+    spec.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    cli = [sys.executable, "-m", "calm_dist.sweep.cli"]
+    _run([*cli, "plan", spec, "--out", tmp_path / "sw"], cluster)
+    _run([*cli, "submit", tmp_path / "sw", "--slurm"], cluster)
+    deadline = time.monotonic() + 300
+    while _run(["squeue", "-h"], cluster, check=False).stdout.strip():
+        assert time.monotonic() < deadline, _run(["squeue"], cluster).stdout
+        time.sleep(1)
+    status = _run([*cli, "status", tmp_path / "sw"], cluster).stdout
+    assert status.count(" finished ") == 4 and "4 finished" in status, status
+    _run([*cli, "collect", tmp_path / "sw", "--out", tmp_path / "results.csv"], cluster)
+    rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert len(rows) == 5 and all(",finished" in r for r in rows[1:]), rows
+    _run([*cli, "fit", tmp_path / "results.csv", "--metric", "loss", "--plot", tmp_path / "frontier.png"], cluster)
+    assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
