@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 import torch
 
@@ -35,6 +36,7 @@ def _setup_logging(rank: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    start_time = time.time()  # the wall-clock budget counts from here
     parser = argparse.ArgumentParser(prog="calm-train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", action="append", required=True, help="YAML file or preset name; repeatable")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the configs, then exit")
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if info.rank == 0:
         log_backend_report()
     try:
-        trainer = Trainer(cfg, info)
+        trainer = Trainer(cfg, info, start_time=start_time)
         trainer.fit()
     except TrainingStopped as err:
         logging.getLogger("calm_dist.train").error("%s", err)

@@ -205,3 +205,19 @@ def test_stop_request_wall_clock_budget():
     # The budget counts from an earlier start when given one.
     with StopRequest(wall_clock_minutes=1.0, start_time=time.time() - 61) as stop:
         assert stop.reason() == WALL_CLOCK
+
+
+def test_a_checkpoint_retired_by_an_interrupted_resave_comes_back(tmp_path):
+    """A crash after the old copy of a re-saved step was retired but before its replacement was
+    committed leaves the retired copy as the only complete one: the next start restores it."""
+    from calm_dist.training.checkpoint import CheckpointManager
+
+    save_dir = tmp_path / "ckpt"
+    retired = save_dir / "global_step3.retired"
+    retired.mkdir(parents=True)
+    (retired / "meta.json").write_text(json.dumps({"step": 3}))
+    (save_dir / "global_step3.partial").mkdir()  # the replacement that never got committed
+    (save_dir / "latest").write_text("global_step3")
+    manager = CheckpointManager(save_dir, keep_last=3, rank=0, world_size=1)
+    assert manager.tags() == ["global_step3"] and manager.resolve(-1) == "global_step3"
+    assert sorted(os.listdir(save_dir)) == ["global_step3", "latest"]

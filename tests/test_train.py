@@ -197,3 +197,16 @@ def test_the_deepspeed_launcher_works_too(data, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     meta = json.loads((out / "checkpoints" / "global_step2" / "meta.json").read_text())
     assert meta["layout"]["world_size"] == 2
+
+
+def test_single_process_resume_is_bit_exact(data, tmp_path):
+    """One process, no launcher: stopping after 3 steps and resuming gives the uninterrupted losses
+    (the data loader must not draw from the restored global RNG)."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = ["training.eval_steps=0", "training.save_interval=3", "optimizer.warmup_steps=0"]
+    train(data, "tiny_autoencoder", straight, "training.train_steps=6", *common)
+    train(data, "tiny_autoencoder", split, "training.train_steps=3", *common)
+    train(data, "tiny_autoencoder", split, "training.train_steps=6", *common)
+    reference, resumed = losses(straight), losses(split)
+    assert sorted(resumed) == list(range(1, 7))
+    assert all(resumed[s] == reference[s] for s in range(1, 7)), (resumed, reference)

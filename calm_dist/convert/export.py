@@ -94,6 +94,10 @@ def convert_checkpoint(
     meta = ref.meta()
     cfg = single_process_config(meta["config"], source=str(ref.path))
     out_dir = Path(out_dir)
+    source = ref.path.resolve()
+    if out_dir.resolve() == source or out_dir.resolve() in source.parents:
+        raise ConversionError(f"{out_dir} holds the checkpoint being converted ({ref.path}): write the "
+                              "converted model somewhere else (--overwrite would delete the training run)")
     if out_dir.exists() and not overwrite:
         raise ConversionError(f"{out_dir} already exists: choose another output or pass --overwrite")
     write_tokenizer = _tokenizer_writer(tokenizer or cfg.data.tokenizer, allow_missing_tokenizer)

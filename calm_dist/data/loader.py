@@ -158,8 +158,11 @@ class TrainLoader:
         dataset = _BlockStreams(self.planner, self.packer, self.rank, self._cursors, self._next_stream,
                                 self.skip_corrupt)
         workers = self.num_workers
+        # An own generator: otherwise making the iterator draws from torch's GLOBAL generator, and
+        # a resumed run (which restores that generator first) would be shifted by one draw.
         return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
-                          prefetch_factor=self.prefetch_factor if workers else None)
+                          prefetch_factor=self.prefetch_factor if workers else None,
+                          generator=torch.Generator().manual_seed(self._layout["seed"] + self.rank))
 
     def close(self) -> None:
         """Stop the worker processes (a later next() starts them again where the state says)."""

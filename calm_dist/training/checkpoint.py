@@ -44,6 +44,7 @@ LATEST = "latest"
 META = "meta.json"
 PARTIAL = ".partial"  # suffix of a directory being written
 STALE = ".stale"  # suffix of a directory being deleted
+RETIRED = ".retired"  # suffix of a complete checkpoint replaced by a re-save of its step
 _TAG = re.compile(r"^global_step(\d+)$")
 
 # Fields whose change makes saved weights or optimizer state unusable (dotted config names).
@@ -170,7 +171,7 @@ class CheckpointManager:
     def _commit(self, partial: Path, final: Path) -> None:
         stale = None
         if final.exists():  # a re-save of the same step: retire the old one only now
-            stale = final.with_name(final.name + STALE)
+            stale = final.with_name(final.name + RETIRED)
             _remove_dir(stale)
             os.rename(final, stale)
         os.rename(partial, final)
@@ -191,7 +192,14 @@ class CheckpointManager:
 
     def _remove_leftovers(self) -> None:
         for entry in self.save_dir.iterdir():
-            if entry.is_dir() and entry.name.endswith((PARTIAL, STALE)):
+            retired = entry.is_dir() and entry.name.endswith(RETIRED)
+            complete = self.save_dir / entry.name[: -len(RETIRED)] if retired else None
+            if retired and not complete.exists():
+                # A crash between retiring a re-saved step and committing its replacement: the
+                # retired copy is complete and the only one, so it comes back.
+                logger.warning("restoring %s, retired by an interrupted re-save", complete.name)
+                os.rename(entry, complete)
+            elif entry.is_dir() and entry.name.endswith((PARTIAL, STALE, RETIRED)):
                 logger.warning("removing %s, left by an interrupted save", entry)
                 _remove_dir(entry)
             elif entry.is_file() and entry.name.startswith(LATEST + ".tmp"):

@@ -82,11 +82,12 @@ def check_data_matches_model(cfg: JobConfig) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: JobConfig, info: DistInfo):
+    def __init__(self, cfg: JobConfig, info: DistInfo, start_time: float | None = None):
         from calm_dist.data.loader import build_train_loader, read_eval_blocks
         from calm_dist.training.checkpoint import CheckpointManager, check_compatible
 
         self.cfg, self.info = cfg, info
+        self.start_time = time.time() if start_time is None else start_time
         self.run_dir = Path(cfg.training.output_dir)
         self.checkpoints = CheckpointManager(
             self.run_dir / "checkpoints", cfg.training.keep_last, info.rank, info.world_size
@@ -135,12 +136,12 @@ class Trainer:
         # From here on every rank draws its own noise (head samples, targets, dropout).
         seed_everything(cfg.training.seed + 1 + info.rank)
         self.state = TrainState()
-        if info.rank == 0:
+        if self.resume_tag:
+            self._resume(self.resume_tag)
+        if info.rank == 0:  # only once the resume worked: a refused run leaves the directory as it was
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
             (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
-        if self.resume_tag:
-            self._resume(self.resume_tag)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _meta(self) -> dict:
@@ -238,7 +239,8 @@ class Trainer:
         batches = iter(self.loader)
         last_saved = self.state.step if self.resume_tag else -1
         stop_reason, last_eval = None, -1
-        with StopRequest(cfg.training.wall_clock_minutes) as stop:
+        # The budget counts from process start: model build and resume count against it too.
+        with StopRequest(cfg.training.wall_clock_minutes, start_time=self.start_time) as stop:
             window_start, window_steps = time.perf_counter(), 0
             while self.state.step < cfg.training.train_steps:
                 try:
@@ -272,13 +274,15 @@ class Trainer:
                 if stop_reason:
                     metrics.note(f"stopping at step {step}: {stop_reason}; checkpoint saved, resume by rerunning")
                     break
-        if last_saved != self.state.step:
-            self.save()
-        if cfg.training.stage == "autoencoder" and not stop_reason and self.state.step >= cfg.training.train_steps:
-            self.export_autoencoder()
-        if self.eval_blocks is not None and not stop_reason and last_eval != self.state.step:
-            self.final_eval = evaluate(self.engine.module, cfg, self.eval_blocks, info.device)
-            metrics.log_eval(self.state.step, self.final_eval)
+            # Still inside the handlers: a signal now only sets the flag, it cannot kill the export.
+            if last_saved != self.state.step:
+                self.save()
+            finished = self.state.step >= cfg.training.train_steps
+            if cfg.training.stage == "autoencoder" and finished:
+                self.export_autoencoder()  # whatever stopped the loop at the last step
+            if self.eval_blocks is not None and finished and last_eval != self.state.step:
+                self.final_eval = evaluate(self.engine.module, cfg, self.eval_blocks, info.device)
+                metrics.log_eval(self.state.step, self.final_eval)
         metrics.close()
         telemetry.close()
         return self.state
