@@ -42,7 +42,8 @@ def _run(args, env, check=True, timeout=120, **kw) -> subprocess.CompletedProces
 def cluster(tmp_path_factory):
     """A started cluster; yields the environment for sbatch (SLURM_CONF, a CI site file, ...)."""
     if os.geteuid() != 0 and not (shutil.which("slurmctld") and shutil.which("shellcheck")):
-        pytest.skip("needs root (or slurm-wlm, munge and shellcheck installed) to run a SLURM cluster")
+        pytest.fail("the SLURM tests need root (or slurm-wlm, munge and shellcheck installed); "
+                    'deselect them with -m "not gpu and not slurm"')
     base = tmp_path_factory.mktemp("slurm")
     env = {**os.environ, "SLURM_CI_BASE": str(base / "cluster")}
     t0 = time.monotonic()
