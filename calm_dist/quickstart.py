@@ -65,23 +65,6 @@ def _last_eval(run_dir: Path) -> dict:
     return last
 
 
-def _marginal_energy(model, blocks) -> float:
-    """Energy loss of an unconditional predictor (CALM.md §9.11): posterior samples of random
-    other chunks as the model's samples. Beating it means the model uses its context."""
-    import torch
-
-    from calm_dist.ops.energy import energy_loss
-
-    k, cfg = model.cfg.patch_size, model.cfg
-    with torch.no_grad():
-        mu, log_sigma = model.target_posterior(blocks[:, k:].reshape(blocks.shape[0], -1, k))
-    mu, sigma = mu.reshape(-1, mu.shape[-1]), log_sigma.reshape(-1, mu.shape[-1]).exp()
-    samples = torch.stack([mu[i] + sigma[i] * torch.randn_like(mu)
-                           for i in (torch.randperm(mu.shape[0]) for _ in range(cfg.num_samples))])
-    targets = mu + sigma * torch.randn(cfg.num_target_samples, *mu.shape)
-    return energy_loss(samples, targets, beta=cfg.beta).loss.item()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="calm-quickstart", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quickstart")
@@ -129,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     model, cfg = trained.model, trained.config
     torch.manual_seed(0)
     blocks = read_eval_blocks(data.valid.directory, cfg.derived.block_tokens, max_blocks=cfg.training.eval_steps)
-    marginal = _marginal_energy(model, blocks)
+    from calm_dist.models.calm import unconditional_energy
+
+    marginal = unconditional_energy(model, blocks)
     summary = {
         "autoencoder_recon_acc": ae_eval.get("recon_acc"),
         "calm_energy_loss": calm_eval.get("loss"),

@@ -13,7 +13,7 @@ from calm_dist.metrics.brier import BrierAccumulator
 from calm_dist.metrics.model_brier import baseline_next_token_probs, calm_block_terms, evaluate_brier
 from calm_dist.models.autoencoder import Autoencoder
 from calm_dist.models.baseline import TokenBaseline, baseline_param_count
-from calm_dist.models.calm import CALM, calm_param_count
+from calm_dist.models.calm import CALM, calm_param_count, unconditional_energy
 from calm_dist.parallel.state import ensure_model_parallel
 
 # Derived in CALM.md §2.3 (millions; CALM without its frozen autoencoder).
@@ -194,24 +194,8 @@ def trained_pair(sotu_bpe_1k):
         opt.step()
         if step % 50 == 0:
             losses.append(eval_loss())
-    return tok, model.eval(), val, losses, _marginal_energy(model, val)
-
-
-def _marginal_energy(model, val) -> float:
-    """The energy loss of an unconditional predictor (CALM.md §9.11): N posterior samples of
-    random OTHER chunks as the model's samples, against the true targets."""
-    from calm_dist.ops.energy import energy_loss
-
     torch.manual_seed(7)
-    k, cfg = model.cfg.patch_size, model.cfg
-    with torch.no_grad():
-        mu, log_sigma = model.target_posterior(val[:, k:].reshape(val.shape[0], -1, k))
-    mu, sigma = mu.reshape(-1, mu.shape[-1]), log_sigma.reshape(-1, mu.shape[-1]).exp()
-    positions = mu.shape[0]
-    picks = [torch.randperm(positions) for _ in range(cfg.num_samples)]
-    samples = torch.stack([mu[i] + sigma[i] * torch.randn_like(mu) for i in picks])
-    targets = mu + sigma * torch.randn(cfg.num_target_samples, *mu.shape)
-    return energy_loss(samples, targets, beta=cfg.beta).loss.item()
+    return tok, model.eval(), val, losses, unconditional_energy(model, val)
 
 
 def test_tiny_calm_energy_loss_falls_on_real_text(trained_pair):

@@ -49,30 +49,29 @@ def data(tmp_path_factory):
     return prepared_corpus_overrides(tmp_path_factory.mktemp("data"))
 
 
+def _two_rank_run(tmp_path_factory, data, preset: str, steps: int, *overrides: str) -> Path:
+    """A tiny `preset` trained on 2 ranks under ZeRO-3, checkpointed every 2 steps."""
+    out = tmp_path_factory.mktemp(preset) / "run"
+    train(data, preset, out, f"training.train_steps={steps}", "training.save_interval=2", "training.eval_steps=0",
+          *overrides, nproc=2)
+    return out
+
+
 @pytest.fixture(scope="module")
 def ae_run(data, tmp_path_factory):
     """Stage 1 on 2 ranks: checkpoints global_step2 and global_step4."""
-    out = tmp_path_factory.mktemp("ae") / "run"
-    train(data, "tiny_autoencoder", out, "training.train_steps=4", "training.save_interval=2",
-          "training.eval_steps=0", nproc=2)
-    return out
+    return _two_rank_run(tmp_path_factory, data, "tiny_autoencoder", 4)
 
 
 @pytest.fixture(scope="module")
 def calm_run(data, ae_run, tmp_path_factory):
     """Stage 2 on 2 ranks on the trained autoencoder: checkpoint global_step2."""
-    out = tmp_path_factory.mktemp("calm") / "run"
-    train(data, "tiny_calm", out, "training.train_steps=2", "training.save_interval=2", "training.eval_steps=0",
-          f"training.autoencoder_path={ae_run / 'autoencoder'}", nproc=2)
-    return out
+    return _two_rank_run(tmp_path_factory, data, "tiny_calm", 2, f"training.autoencoder_path={ae_run / 'autoencoder'}")
 
 
 @pytest.fixture(scope="module")
 def baseline_run(data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("baseline") / "run"
-    train(data, "tiny_baseline", out, "training.train_steps=2", "training.save_interval=2",
-          "training.eval_steps=0", nproc=2)
-    return out
+    return _two_rank_run(tmp_path_factory, data, "tiny_baseline", 2)
 
 
 @pytest.fixture(scope="module")

@@ -131,3 +131,18 @@ def calm_param_count(cfg: ModelConfig) -> int:
         + compressor_param_count(d, cfg.patch_size)
         + energy_head_param_count(d, cfg.latent_size, cfg.noise_size, head_blocks(cfg))
     )
+
+
+@torch.no_grad()
+def unconditional_energy(model: CALM, blocks_BT: torch.Tensor) -> float:
+    """Energy loss of an unconditional predictor (CALM.md §9.11): as its N samples, posterior
+    samples of random OTHER chunks of the same blocks, against the true targets. A CALM whose loss
+    is below this uses its context; at it, it has learned only the marginal. Draws from torch's
+    default generator (seed it for a reproducible figure)."""
+    k, cfg = model.cfg.patch_size, model.cfg
+    mu, log_sigma = model.target_posterior(blocks_BT[:, k:].reshape(blocks_BT.shape[0], -1, k))
+    mu, sigma = mu.reshape(-1, mu.shape[-1]), log_sigma.reshape(-1, mu.shape[-1]).exp()
+    picks = [torch.randperm(mu.shape[0]) for _ in range(cfg.num_samples)]
+    samples_NPL = torch.stack([mu[i] + sigma[i] * torch.randn_like(mu) for i in picks])
+    targets_MPL = mu + sigma * torch.randn(cfg.num_target_samples, *mu.shape)
+    return energy_loss(samples_NPL, targets_MPL, beta=cfg.beta).loss.item()
