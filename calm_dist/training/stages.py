@@ -51,7 +51,3 @@ def step_metrics(cfg: JobConfig, out) -> dict[str, float]:
         return {"fid": out.fidelity.item(), "div": out.diversity.item()}
     return {}
 
-
-def vectors_per_block(cfg: JobConfig) -> int:
-    """Model steps per block: chunks for CALM and the autoencoder, tokens for the baseline."""
-    return cfg.derived.steps_per_block

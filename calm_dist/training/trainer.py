@@ -84,6 +84,7 @@ def check_data_matches_model(cfg: JobConfig) -> None:
 class Trainer:
     def __init__(self, cfg: JobConfig, info: DistInfo, start_time: float | None = None):
         from calm_dist.data.loader import build_train_loader, read_eval_blocks
+        from calm_dist.data.packing import packing_for
         from calm_dist.training.checkpoint import CheckpointManager, check_compatible
 
         self.cfg, self.info = cfg, info
@@ -104,7 +105,7 @@ class Trainer:
         check_data_matches_model(cfg)
         # The autoencoder reads documents padded to whole chunks (CALM.md §1.3); the language
         # models read documents concatenated (§2.6).
-        packing = "ae" if cfg.training.stage == "autoencoder" else "lm"
+        packing = packing_for(cfg.training.stage)
         k = cfg.autoencoder.patch_size
         self.loader = build_train_loader(
             cfg.data.train_path,
