@@ -26,6 +26,7 @@ built, in processes that will never see a GPU. With CUDA present it does nothing
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 
 import torch
@@ -76,6 +77,10 @@ def apply_cpu_compat() -> bool:
     if _applied or torch.cuda.is_available():
         return False
     from megatron.core.tensor_parallel import random as mcore_random
+
+    # TorchScript-compiled at import (ZeroRedundancyOptimizer's functional optimizers): scripting
+    # reads the source of every torch function they call, which the wrappers below do not have.
+    importlib.import_module("torch.distributed.optim")
 
     for name in _FACTORIES:
         setattr(torch, name, _on_cpu(getattr(torch, name)))

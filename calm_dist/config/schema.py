@@ -17,6 +17,7 @@ Precision = Literal["fp32", "bf16"]
 Regime = Literal["zero3", "3d"]
 LRSchedule = Literal["constant", "cosine"]
 ProgressBar = Literal["auto", "on", "off"]
+Recompute = Literal["none", "selective", "full"]
 
 
 @dataclass
@@ -103,15 +104,16 @@ class OptimizerConfig:
 @dataclass
 class ParallelConfig:
     """Two supported regimes (ANCHORS.md §0): `zero3` (TP = PP = 1, DeepSpeed ZeRO-3 across all
-    ranks) and `3d` (megatron-core TP and PP with ZeRO stage <= 1)."""
+    ranks) and `3d` (megatron-core TP and PP; ZeRO-1 or no sharding over data parallelism)."""
 
     regime: Regime = "zero3"
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
-    zero_stage: int = 3
-    sequence_parallel: bool = False
+    zero_stage: int = 3  # the 3d regime takes 0 or 1
+    sequence_parallel: bool = False  # 3d with TP > 1 and Transformer Engine (attention_backend te)
+    activation_recompute: Recompute = "none"  # selective: core attention; full: whole layers
     offload_optimizer: bool = False
-    ds_preset: str = ""  # a ds_configs/*.json preset; empty: chosen from regime and precision
+    ds_preset: str = ""  # zero3 only: a ds_configs/*.json preset; empty: chosen from the precision
 
 
 @dataclass
@@ -125,6 +127,7 @@ class TrainingConfig:
     precision: Precision = "fp32"
     output_dir: str = "outputs/run"
     autoencoder_path: str = ""  # a trained autoencoder, required by stage calm
+    init_weights: str = ""  # start from these weights: a calm-convert directory or a .safetensors file
     save_interval: int = 500
     eval_interval: int = 500
     eval_steps: int = 10

@@ -94,6 +94,9 @@ def _check_ranges(cfg: JobConfig, world_size: int, p: _Problems) -> None:
                    ("autoencoder.num_decoder_layers", ae.num_decoder_layers)):
         p.require(n >= 2 and n % 2 == 0, f"{key} must be even and >= 2 (half before, half after the "
                                          f"squeeze/expand; CALM.md §9.5), got {n}")
+    p.require(cfg.parallel.activation_recompute in ("none", "selective", "full"),
+              f"parallel.activation_recompute must be none, selective or full, got "
+              f"{cfg.parallel.activation_recompute!r}")
     p.require(cfg.parallel.zero_stage in (0, 1, 2, 3),
               f"parallel.zero_stage must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage}")
     p.require(world_size >= 1, f"world_size must be >= 1, got {world_size}")
@@ -165,8 +168,24 @@ def _check_parallel(cfg: JobConfig, world_size: int, p: _Problems) -> None:
                                        f"{par.zero_stage}; use parallel.regime=zero3 for ZeRO-2/3")
     p.require(not par.offload_optimizer or par.zero_stage >= 1,
               "parallel.offload_optimizer needs parallel.zero_stage >= 1")
-    p.require(not par.sequence_parallel,
-              "parallel.sequence_parallel is not implemented yet (it arrives with the 3d regime); set it to false")
+    if par.regime == "3d":
+        p.require(tr.stage != "autoencoder", "parallel.regime 3d is for the language models (training.stage "
+                                             "calm or baseline); the autoencoder has no backbone to split: "
+                                             "train it with parallel.regime=zero3")
+        p.require(not par.offload_optimizer, "parallel.offload_optimizer is DeepSpeed's: use it with "
+                                             "parallel.regime=zero3 (the 3d regime shards with ZeRO-1)")
+        p.require(not par.ds_preset, "parallel.ds_preset configures DeepSpeed, which the 3d regime does not "
+                                     "use; leave it empty")
+    p.require(not par.sequence_parallel or (par.regime == "3d" and tp > 1),
+              "parallel.sequence_parallel splits activations over tensor ranks: it needs parallel.regime=3d "
+              f"and parallel.tensor_parallel > 1 (got {par.regime}, {tp})")
+    p.require(not par.sequence_parallel or m.attention_backend == "te",
+              "parallel.sequence_parallel needs Transformer Engine's norms (model.attention_backend=te): "
+              "megatron's torch-norm layers cannot run sequence-parallel; set it to false without TE")
+    if par.sequence_parallel and tp > 1:
+        steps = _steps_per_block(cfg)
+        p.require(steps % tp == 0, f"parallel.sequence_parallel: the {steps} steps per block must divide "
+                                   f"by parallel.tensor_parallel ({tp})")
     groups = m.num_query_groups or m.num_attention_heads
     p.require(m.num_attention_heads % tp == 0 and groups % tp == 0,
               f"parallel.tensor_parallel ({tp}) must divide model.num_attention_heads "

@@ -91,15 +91,44 @@ def resolve_checkpoint(src: str | Path, tag: str | None = None) -> CheckpointRef
     return CheckpointRef(run_dir, ckpt_dir, tag)
 
 
+def _check_zip(path: Path) -> None:
+    """torch.save writes a zip archive; truncation loses its central directory."""
+    try:
+        with zipfile.ZipFile(path):
+            pass
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ConversionError(f"shard {path} is truncated or corrupt ({exc})") from None
+
+
+def is_model_parallel(ref: CheckpointRef) -> bool:
+    """Written by the 3d regime (megatron TP/PP shards) rather than by DeepSpeed ZeRO."""
+    return ref.meta().get("layout", {}).get("regime") == "3d"
+
+
+def _model_parallel_files(ref: CheckpointRef) -> dict[tuple[int, int], Path]:
+    layout = ref.meta()["layout"]
+    tp, pp = layout["tensor_parallel"], layout["pipeline_parallel"]
+    files = {(t, p): ref.path / f"mp_rank_{t:02d}_{p:03d}_model_states.pt" for t in range(tp) for p in range(pp)}
+    missing = [path.name for path in files.values() if not path.is_file()]
+    if missing:
+        raise ConversionError(f"{ref.path} was written with TP={tp}, PP={pp} but lacks {missing}: "
+                              "shards are missing or come from another run")
+    return files
+
+
 def check_shards(ref: CheckpointRef) -> None:
-    """Every rank's DeepSpeed shard is present and whole, before DeepSpeed unpickles any of them
-    (its own errors name neither the file nor the cause)."""
+    """Every rank's shard is present and whole, before anything unpickles one (DeepSpeed's own
+    errors name neither the file nor the cause)."""
     meta = ref.meta()
     layout = meta.get("layout", {})
+    if is_model_parallel(ref):
+        for path in _model_parallel_files(ref).values():
+            _check_zip(path)
+        return
     tp, pp = layout.get("tensor_parallel", 1), layout.get("pipeline_parallel", 1)
     if tp * pp != 1:
-        raise ConversionError(f"{ref.path} was written with tensor/pipeline parallelism (TP={tp}, PP={pp}); "
-                              "merging model-parallel shards is not supported yet")
+        raise ConversionError(f"{ref.path} says TP={tp}, PP={pp} without the 3d regime: not a checkpoint "
+                              "this version wrote")
     stage, ranks = layout.get("zero_stage", 3), meta.get("world_size")
     if stage < 1:
         raise ConversionError(f"{ref.path} was written without ZeRO (zero_stage 0): DeepSpeed's consolidation "
@@ -112,23 +141,36 @@ def check_shards(ref: CheckpointRef) -> None:
         if expected is not None and len(files) != expected:
             raise ConversionError(f"{ref.path} was written by {ranks} ranks but holds {len(files)} "
                                   f"*_{kind}_states.pt files: shards are missing or come from another run")
-        for path in files:  # torch.save writes a zip archive; truncation loses its central directory
-            try:
-                with zipfile.ZipFile(path):
-                    pass
-            except (zipfile.BadZipFile, OSError) as exc:
-                raise ConversionError(f"shard {path} is truncated or corrupt ({exc})") from None
+        for path in files:
+            _check_zip(path)
+
+
+def merged_model_parallel_weights(ref: CheckpointRef) -> dict[str, torch.Tensor]:
+    """The single-process state dict of a 3d checkpoint: its (tensor, pipeline) shards merged."""
+    from calm_dist.parallel.sharding import merge_state_dicts
+
+    check_shards(ref)
+    shards = {key: torch.load(path, map_location="cpu", weights_only=True)
+              for key, path in _model_parallel_files(ref).items()}
+    try:
+        return merge_state_dicts(shards, num_layers=ref.meta()["config"]["model"]["num_layers"])
+    except ValueError as err:
+        raise ConversionError(f"{ref.path}: {err}") from None
 
 
 def single_process_config(saved: dict, source: str) -> JobConfig:
     """The run's configuration, validated for one process (as evaluation and generation run).
 
-    The saved batch arithmetic belongs to the training world size: the accumulation steps are
-    re-derived from the global batch for one rank, and the derived section is recomputed.
+    The saved batch arithmetic and layout belong to the training world: the accumulation steps
+    are re-derived from the global batch for one rank, a 3d run's TP/PP layout becomes one process
+    (the merged weights are a single-process model's), and the derived section is recomputed.
     """
     data = json.loads(json.dumps(saved))  # a deep copy of plain data
     data.pop("derived", None)
     data.setdefault("training", {})["gradient_accumulation_steps"] = 0
+    data["training"]["init_weights"] = ""
+    data.setdefault("parallel", {}).update(regime="zero3", tensor_parallel=1, pipeline_parallel=1, zero_stage=3,
+                                           sequence_parallel=False, ds_preset="")
     return validate(config_from_dict(data, source=source), world_size=1)
 
 
@@ -141,7 +183,10 @@ def _stdout_to_stderr() -> Iterator[None]:
 
 def lazy_state_dict(ref: CheckpointRef) -> dict:
     """DeepSpeed's lazy consolidation: name -> an object whose `.contiguous()` is the full fp32
-    tensor. The optimizer shards are memory-mapped and each parameter is gathered on demand."""
+    tensor. The optimizer shards are memory-mapped and each parameter is gathered on demand.
+    (A 3d checkpoint's merged tensors are returned as they are: they have `.contiguous()` too.)"""
+    if is_model_parallel(ref):
+        return merged_model_parallel_weights(ref)
     check_shards(ref)
     with _stdout_to_stderr():  # DeepSpeed logs to stdout from its first import on
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -151,7 +196,10 @@ def lazy_state_dict(ref: CheckpointRef) -> dict:
 
 def consolidated_weights(ref: CheckpointRef) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, full fp32 tensor) pairs, one materialised at a time: the caller decides how many
-    exist at once."""
+    exist at once (3d checkpoints: merged up front, their shards are whole tensors)."""
+    if is_model_parallel(ref):
+        yield from merged_model_parallel_weights(ref).items()
+        return
     seen: set[int] = set()
     for name, lazy in lazy_state_dict(ref).items():
         tensor = lazy.contiguous()
@@ -171,8 +219,11 @@ def load_checkpoint_model(ref: CheckpointRef, device: str | torch.device = "cpu"
     check_shards(ref)
     cfg = single_process_config(ref.meta()["config"], source=str(ref.path))
     model = build_for_stage(cfg)
-    with _stdout_to_stderr():
-        weights = consolidate_fp32(ref.checkpoints_dir, ref.tag)
+    if is_model_parallel(ref):
+        weights = merged_model_parallel_weights(ref)
+    else:
+        with _stdout_to_stderr():
+            weights = consolidate_fp32(ref.checkpoints_dir, ref.tag)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ConversionError(f"{ref.path} does not fit a {cfg.training.stage} model of its own config: "

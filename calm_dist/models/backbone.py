@@ -9,11 +9,12 @@ before it is built (`calm_dist.parallel.state.ensure_model_parallel` outside a l
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt.gpt_layer_specs import (
@@ -29,6 +30,17 @@ from calm_dist.config.schema import ModelConfig
 from calm_dist.models.attention import CORE_ATTENTION, resolve_attention_backend
 
 
+@dataclass(frozen=True)
+class BackboneOptions:
+    """How the decoder is built, chosen from outside (the trainer's parallel set-up); the defaults
+    are the whole decoder in one module with every activation kept."""
+
+    pre_process: bool = True  # holds the first layers: reads forward()'s input (else set_input_tensor's)
+    post_process: bool = True  # holds the last layers and the final norm
+    recompute: Literal["none", "selective", "full"] = "none"  # activation recomputation
+    sequence_parallel: bool = False  # activations between TP regions split along the sequence
+
+
 def _num_query_groups(cfg: ModelConfig) -> int:
     return cfg.num_query_groups or cfg.num_attention_heads  # 0 means multi-head attention
 
@@ -42,7 +54,21 @@ def backbone_param_count(cfg: ModelConfig) -> int:
     return cfg.num_layers * (attention + 3 * d * ffn + 2 * d) + d
 
 
-def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype) -> TransformerConfig:
+def _recompute_settings(recompute: str) -> dict:
+    """megatron's recompute fields: full recomputes every layer from its input (one layer per
+    unit); selective only the core attention, whose activations grow with the sequence squared."""
+    if recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    if recompute == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    if recompute != "none":
+        raise ValueError(f"recompute must be none, selective or full, got {recompute!r}")
+    return {}
+
+
+def transformer_config(
+    cfg: ModelConfig, params_dtype: torch.dtype, options: BackboneOptions = BackboneOptions()
+) -> TransformerConfig:
     """megatron's TransformerConfig for this backbone; tensor/pipeline sizes from parallel state."""
     if cfg.hidden_size % cfg.num_attention_heads:
         raise ValueError("hidden_size must be a multiple of num_attention_heads")
@@ -81,6 +107,8 @@ def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype) -> Transform
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         cuda_graph_scope=[],  # the default "full" only warns that it is deprecated
+        sequence_parallel=options.sequence_parallel,
+        **_recompute_settings(options.recompute),
     )
 
 
@@ -121,22 +149,34 @@ class KVCache:
 
 
 class Backbone(torch.nn.Module):
-    """Causal decoder: x [batch, steps, hidden] -> h [batch, steps, hidden] after the final norm."""
+    """Causal decoder: x [batch, steps, hidden] -> h [batch, steps, hidden] after the final norm.
+
+    With `options.pre_process` / `post_process` off it holds a middle part of the layers (megatron
+    picks which from the pipeline rank): a pipeline stage drives it through `set_input_tensor` and
+    `forward_sequence_first`.
+    """
 
     def __init__(
         self,
         cfg: ModelConfig,
         attention_backend: Optional[str] = None,
         params_dtype: torch.dtype = torch.float32,
+        options: BackboneOptions = BackboneOptions(),
     ):
         super().__init__()
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.cfg = cfg
+        self.options = options
         self.attention_backend = resolve_attention_backend(
             attention_backend or cfg.attention_backend, device, params_dtype
         )
-        self.config = transformer_config(cfg, params_dtype)
-        self.decoder = TransformerBlock(self.config, layer_spec(self.attention_backend))
+        self.config = transformer_config(cfg, params_dtype, options)
+        self.decoder = TransformerBlock(
+            self.config,
+            layer_spec(self.attention_backend),
+            pre_process=options.pre_process,
+            post_process=options.post_process,
+        )
         self.rotary = RotaryEmbedding(
             kv_channels=self.config.kv_channels,
             rotary_percent=1.0,
@@ -150,12 +190,29 @@ class Backbone(torch.nn.Module):
     def new_cache(self, batch_size: int, max_steps: Optional[int] = None) -> KVCache:
         return KVCache(batch_size, max_steps or self.cfg.max_position_embeddings)
 
+    def set_input_tensor(self, x_SBD: Optional[torch.Tensor]) -> None:
+        """The previous pipeline stage's output, read instead of forward()'s input."""
+        self.decoder.set_input_tensor(x_SBD)
+
+    def forward_sequence_first(self, x_SBD: Optional[torch.Tensor], steps: int) -> torch.Tensor:
+        """[steps, batch, hidden] in and out, as pipeline stages exchange them (under sequence
+        parallelism, each tensor-parallel rank's slice of the steps). Without pre_process x_SBD
+        is ignored: the block reads what `set_input_tensor` gave it."""
+        sequence_parallel = self.options.sequence_parallel
+        if sequence_parallel and self.options.pre_process:
+            x_SBD = tensor_parallel.scatter_to_sequence_parallel_region(x_SBD)
+        h_SBD = self.decoder(x_SBD, attention_mask=None, rotary_pos_emb=self.rotary(steps))
+        if sequence_parallel and self.options.post_process:
+            # The consumers (head, loss) are replicated over TP: each rank's gradient is the whole
+            # one, so the backward only splits it (no reduce-scatter).
+            h_SBD = tensor_parallel.gather_from_sequence_parallel_region(h_SBD, tensor_parallel_output_grad=False)
+        return h_SBD
+
     def forward(self, x_BSD: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
         steps = x_BSD.size(1)
         x_SBD = x_BSD.transpose(0, 1).contiguous()  # megatron is sequence-first
         if cache is None:
-            h_SBD = self.decoder(x_SBD, attention_mask=None, rotary_pos_emb=self.rotary(steps))
-            return h_SBD.transpose(0, 1)
+            return self.forward_sequence_first(x_SBD, steps).transpose(0, 1)
 
         if self.training:
             raise RuntimeError("the KV cache is for generation: call .eval() first")

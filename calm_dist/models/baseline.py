@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from calm_dist.config.schema import ModelConfig
-from calm_dist.models.backbone import Backbone
+from calm_dist.models.backbone import Backbone, BackboneOptions
 
 
 class BaselineOutput(NamedTuple):
@@ -24,11 +24,16 @@ class BaselineOutput(NamedTuple):
 
 
 class TokenBaseline(nn.Module):
-    def __init__(self, cfg: ModelConfig, attention_backend: str | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        attention_backend: str | None = None,
+        backbone_options: BackboneOptions = BackboneOptions(),
+    ):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.backbone = Backbone(cfg, attention_backend=attention_backend)
+        self.backbone = Backbone(cfg, attention_backend=attention_backend, options=backbone_options)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         nn.init.normal_(self.embed_tokens.weight, std=cfg.init_std)
         nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
@@ -37,9 +42,19 @@ class TokenBaseline(nn.Module):
         """Next-token logits at every position: (B, T, V)."""
         return self.lm_head(self.backbone(self.embed_tokens(tokens_BT), cache=cache))
 
+    # forward = loss_from_hidden(backbone(transformer_inputs(tokens)), tokens); pipeline stages
+    # run the three parts on different ranks.
+    def transformer_inputs(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        """A block of T + 1 tokens -> the backbone's (B, T, D) inputs (tokens 1..T)."""
+        return self.embed_tokens(tokens_BT[:, :-1])
+
     def forward(self, tokens_BT: torch.Tensor) -> BaselineOutput:
         """Cross-entropy of a batch of blocks of T + 1 tokens (inputs 1..T, targets 2..T+1)."""
-        logits_BTV = self.logits(tokens_BT[:, :-1])
+        return self.loss_from_hidden(self.backbone(self.transformer_inputs(tokens_BT)), tokens_BT)
+
+    def loss_from_hidden(self, h_BTD: torch.Tensor, tokens_BT: torch.Tensor) -> BaselineOutput:
+        """Next-token cross-entropy of the backbone states h (B, T, D) against tokens 2..T+1."""
+        logits_BTV = self.lm_head(h_BTD)
         loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), tokens_BT[:, 1:].flatten())
         return BaselineOutput(loss=loss, num_positions=logits_BTV.shape[0] * logits_BTV.shape[1])
 

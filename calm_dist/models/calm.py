@@ -15,7 +15,7 @@ from torch import nn
 
 from calm_dist.config.schema import ModelConfig
 from calm_dist.models.autoencoder import Autoencoder
-from calm_dist.models.backbone import Backbone
+from calm_dist.models.backbone import Backbone, BackboneOptions
 from calm_dist.models.compressor import ChunkCompressor
 from calm_dist.models.energy_head import EnergyHead
 from calm_dist.ops.energy import energy_loss
@@ -36,7 +36,13 @@ class CALMOutput(NamedTuple):
 
 
 class CALM(nn.Module):
-    def __init__(self, cfg: ModelConfig, autoencoder: Autoencoder, attention_backend: str | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        autoencoder: Autoencoder,
+        attention_backend: str | None = None,
+        backbone_options: BackboneOptions = BackboneOptions(),
+    ):
         super().__init__()
         ae_cfg = autoencoder.cfg
         if (ae_cfg.patch_size, ae_cfg.latent_size, ae_cfg.vocab_size) != (cfg.patch_size, cfg.latent_size, cfg.vocab_size):
@@ -50,7 +56,7 @@ class CALM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, d)
         nn.init.normal_(self.embed_tokens.weight, std=cfg.init_std)
         self.compressor = ChunkCompressor(d, cfg.patch_size, cfg.init_std)
-        self.backbone = Backbone(cfg, attention_backend=attention_backend)
+        self.backbone = Backbone(cfg, attention_backend=attention_backend, options=backbone_options)
         self.head = EnergyHead(d, cfg.latent_size, cfg.noise_size, head_blocks(cfg), cfg.init_std)
         self.autoencoder = autoencoder
         self.autoencoder.requires_grad_(False)  # frozen and clean in stage 2 (CALM.md §8.5)
@@ -58,7 +64,8 @@ class CALM(nn.Module):
 
     def train(self, mode: bool = True) -> "CALM":
         super().train(mode)
-        self.autoencoder.eval()  # no token masking, no latent dropout, ever
+        if self.autoencoder is not None:  # None on pipeline stages other than the last
+            self.autoencoder.eval()  # no token masking, no latent dropout, ever
         return self
 
     # -- building blocks used by training, evaluation and generation -------------------------
@@ -86,13 +93,23 @@ class CALM(nn.Module):
         return self.autoencoder.encode(chunks_BSK)
 
     # -- training objective ------------------------------------------------------------------
-    def forward(self, tokens_BT: torch.Tensor) -> CALMOutput:
-        """Energy loss of a batch of blocks of (S + 1) * K tokens."""
-        k = self.cfg.patch_size
-        b, t = tokens_BT.shape
+    # forward = loss_from_hidden(backbone(transformer_inputs(tokens)), tokens); pipeline stages
+    # run the three parts on different ranks.
+    def transformer_inputs(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        """A block of (S + 1) * K tokens -> the backbone's (B, S, D) inputs (chunks 1..S)."""
+        k, t = self.cfg.patch_size, tokens_BT.shape[1]
         if t % k or t // k < 2:
             raise ValueError(f"a CALM block needs (S + 1) * K tokens with S >= 1; got {t} tokens, K = {k}")
-        h_BSD = self.hidden_states(tokens_BT[:, :-k])
+        return self.step_inputs(tokens_BT[:, :-k])
+
+    def forward(self, tokens_BT: torch.Tensor) -> CALMOutput:
+        """Energy loss of a batch of blocks of (S + 1) * K tokens."""
+        return self.loss_from_hidden(self.backbone(self.transformer_inputs(tokens_BT)), tokens_BT)
+
+    def loss_from_hidden(self, h_BSD: torch.Tensor, tokens_BT: torch.Tensor) -> CALMOutput:
+        """Energy loss of the backbone states h (B, S, D) against chunks 2..S+1 of the block."""
+        k = self.cfg.patch_size
+        b, t = tokens_BT.shape
         mu_BSL, log_sigma_BSL = self.target_posterior(tokens_BT[:, k:].reshape(b, t // k - 1, k))
         h_PD = h_BSD.reshape(-1, h_BSD.shape[-1])
         mu_PL, sigma_PL = mu_BSL.reshape(-1, mu_BSL.shape[-1]), log_sigma_BSL.reshape(-1, mu_BSL.shape[-1]).exp()

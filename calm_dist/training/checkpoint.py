@@ -51,6 +51,7 @@ _TAG = re.compile(r"^global_step(\d+)$")
 INCOMPATIBLE_SECTIONS = ("model", "autoencoder")
 INCOMPATIBLE_FIELDS = (
     "training.stage",
+    "parallel.regime",
     "parallel.tensor_parallel",
     "parallel.pipeline_parallel",
     "parallel.zero_stage",

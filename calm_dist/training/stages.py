@@ -15,23 +15,28 @@ from torch import nn
 from calm_dist.config.schema import JobConfig
 from calm_dist.models.autoencoder import Autoencoder
 from calm_dist.models.autoencoder_io import load_autoencoder
+from calm_dist.models.backbone import BackboneOptions
 from calm_dist.models.baseline import TokenBaseline
 from calm_dist.models.calm import CALM
 
 
-def build_model(cfg: JobConfig) -> nn.Module:
+def build_model(cfg: JobConfig, backbone_options: BackboneOptions | None = None) -> nn.Module:
+    """The stage's model; `backbone_options` (which layers, recompute) default to the config's
+    activation recomputation over the whole backbone."""
     stage = cfg.training.stage
+    if backbone_options is None:
+        backbone_options = BackboneOptions(recompute=cfg.parallel.activation_recompute)
     if stage == "autoencoder":
         return Autoencoder(cfg.autoencoder)
     if stage == "baseline":
-        return TokenBaseline(cfg.model)
+        return TokenBaseline(cfg.model, backbone_options=backbone_options)
     if not cfg.training.autoencoder_path:
         raise ValueError(
             "training.autoencoder_path is empty: stage calm needs a trained autoencoder "
             "(run stage autoencoder first; it writes <output_dir>/autoencoder)"
         )
     autoencoder = load_autoencoder(Path(cfg.training.autoencoder_path), expected=cfg.autoencoder)
-    return CALM(cfg.model, autoencoder)
+    return CALM(cfg.model, autoencoder, backbone_options=backbone_options)
 
 
 def model_inputs(cfg: JobConfig, tokens_BT: torch.Tensor) -> torch.Tensor:

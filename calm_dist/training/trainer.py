@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -42,12 +40,6 @@ class TrainState:
 
 class TrainingStopped(RuntimeError):
     """The run stopped early for a reason that needs the user (e.g. diverging loss)."""
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _all_finite(value: torch.Tensor) -> bool:
@@ -81,6 +73,21 @@ def check_data_matches_model(cfg: JobConfig) -> None:
             check_tokenizer(index, load_tokenizer(cfg.data.tokenizer))
 
 
+def checkpoint_meta(cfg: JobConfig, state: TrainState, world_size: int, ds_config: dict | None) -> dict:
+    """What every checkpoint's meta.json holds besides the step: the config, the counters, the
+    parallel layout (the converter reads it to merge shards) and the code version."""
+    return {
+        "config": config_to_dict(cfg),
+        "train_state": asdict(state),
+        "layout": {"world_size": world_size, "regime": cfg.parallel.regime,
+                   "tensor_parallel": cfg.parallel.tensor_parallel,
+                   "pipeline_parallel": cfg.parallel.pipeline_parallel,
+                   "data_parallel": cfg.derived.data_parallel_size, "zero_stage": cfg.parallel.zero_stage},
+        "ds_config": ds_config,
+        "code_version": __version__,
+    }
+
+
 class Trainer:
     def __init__(self, cfg: JobConfig, info: DistInfo, start_time: float | None = None):
         from calm_dist.data.loader import build_train_loader, read_eval_blocks
@@ -103,6 +110,13 @@ class Trainer:
                 "off: choose a new training.output_dir (nothing there was touched)"
             )
         check_data_matches_model(cfg)
+        from calm_dist.parallel.state import current_layout, ensure_model_parallel
+
+        par = cfg.parallel
+        ensure_model_parallel(par.tensor_parallel, par.pipeline_parallel, seed=cfg.training.seed)
+        # Data and evaluation blocks are split over the data-parallel replicas: the tensor ranks
+        # and pipeline stages of one replica read the same batches (zero3: every rank is a replica).
+        self.layout = layout = current_layout()
         # The autoencoder reads documents padded to whole chunks (CALM.md §1.3); the language
         # models read documents concatenated (§2.6).
         packing = packing_for(cfg.training.stage)
@@ -111,8 +125,8 @@ class Trainer:
             cfg.data.train_path,
             block_tokens=cfg.derived.block_tokens,
             micro_batch_size=cfg.training.micro_batch_size,
-            rank=info.rank,
-            world_size=info.world_size,
+            rank=layout.dp_rank,
+            world_size=layout.data_parallel,
             num_workers=cfg.data.num_workers,
             seed=cfg.data.seed,
             packing=packing,
@@ -125,37 +139,38 @@ class Trainer:
             blocks = read_eval_blocks(cfg.data.valid_path, cfg.derived.block_tokens,
                                       max_blocks=cfg.training.eval_steps,
                                       packing="ae" if packing == "ae" else "eval", patch_size=k)
-            self.eval_blocks = rank_slice(blocks, info.rank, info.world_size)
+            self.eval_blocks = rank_slice(blocks, layout.dp_rank, layout.data_parallel)
 
-        from calm_dist.parallel.state import ensure_model_parallel
+        from calm_dist.parallel.state import seed_model_building, seed_training
 
-        ensure_model_parallel(seed=cfg.training.seed)
-        seed_everything(cfg.training.seed)  # identical initial weights on every rank
-        model = stages.build_model(cfg)
-        self.ds_config = build_ds_config(cfg, on_cuda=info.device.type == "cuda")
-        self.engine = create_engine(model, cfg, self.ds_config)
-        # From here on every rank draws its own noise (head samples, targets, dropout).
-        seed_everything(cfg.training.seed + 1 + info.rank)
+        seed_model_building(cfg.training.seed, layout)  # identical initial weights on every replica
+        if par.regime == "3d":
+            from calm_dist.training.engine_3d import build_3d_engine
+
+            self.ds_config = None
+            self.engine = build_3d_engine(cfg, layout, info.device)
+        else:
+            model = stages.build_model(cfg)
+            if cfg.training.init_weights:
+                from calm_dist.training.initial_weights import load_initial_weights
+
+                load_initial_weights(model, cfg.training.init_weights, cfg.model.num_layers, layout)
+            self.ds_config = build_ds_config(cfg, on_cuda=info.device.type == "cuda")
+            self.engine = create_engine(model, cfg, self.ds_config)
+        # From here on every replica draws its own noise (head samples, targets, dropout).
+        seed_training(cfg.training.seed, layout)
         self.state = TrainState()
         if self.resume_tag:
             self._resume(self.resume_tag)
         if info.rank == 0:  # only once the resume worked: a refused run leaves the directory as it was
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-            (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+            if self.ds_config is not None:
+                (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _meta(self) -> dict:
-        cfg = self.cfg
-        return {
-            "config": config_to_dict(cfg),
-            "train_state": asdict(self.state),
-            "layout": {"world_size": self.info.world_size, "tensor_parallel": cfg.parallel.tensor_parallel,
-                       "pipeline_parallel": cfg.parallel.pipeline_parallel,
-                       "data_parallel": cfg.derived.data_parallel_size, "zero_stage": cfg.parallel.zero_stage},
-            "ds_config": self.ds_config,
-            "code_version": __version__,
-        }
+        return checkpoint_meta(self.cfg, self.state, self.info.world_size, self.ds_config)
 
     def save(self) -> str:
         from calm_dist.training.rng import capture_rng_state
@@ -180,7 +195,24 @@ class Trainer:
         logger.info("resumed from %s at step %d", tag, self.state.step)
 
     # -- one optimizer step ----------------------------------------------------------------------
+    def _count_bad_step(self, bad_in_a_row: int) -> None:
+        logger.warning("non-finite loss at step %d: skipped (%d in a row)", self.state.step + 1, bad_in_a_row)
+        if bad_in_a_row >= self.cfg.training.max_bad_steps:
+            raise TrainingStopped(
+                f"{bad_in_a_row} non-finite losses in a row at step {self.state.step + 1}: the run is "
+                "diverging (lower optimizer.lr, raise optimizer.warmup_steps, or check the data); the "
+                "weights of the last completed step are checkpointed"
+            )
+
+    def _finish_step(self) -> None:
+        cfg = self.cfg
+        self.state.step += 1
+        self.state.tokens += cfg.derived.global_batch_size * cfg.data.seq_length
+        self.state.vectors += cfg.derived.global_batch_size * cfg.derived.steps_per_block
+
     def train_step(self, batches) -> dict[str, float]:
+        if self.cfg.parallel.regime == "3d":
+            return self._train_step_3d(batches)
         cfg, engine = self.cfg, self.engine
         accum = cfg.derived.gradient_accumulation_steps
         losses, extras, data_time, done, bad_in_a_row = [], {}, 0.0, 0, 0
@@ -194,14 +226,7 @@ class Trainer:
                 # its place, so the weights never see the non-finite values.
                 self.state.skipped_batches += 1
                 bad_in_a_row += 1
-                logger.warning("non-finite loss at step %d: micro-batch skipped (%d in a row)",
-                               self.state.step + 1, bad_in_a_row)
-                if bad_in_a_row >= cfg.training.max_bad_steps:
-                    raise TrainingStopped(
-                        f"{bad_in_a_row} non-finite losses in a row at step {self.state.step + 1}: the run is "
-                        "diverging (lower optimizer.lr, raise optimizer.warmup_steps, or check the data); the "
-                        "weights of the last completed step are checkpointed"
-                    )
+                self._count_bad_step(bad_in_a_row)
                 continue
             bad_in_a_row = 0
             engine.backward(out.loss)
@@ -210,15 +235,48 @@ class Trainer:
             for key, value in stages.step_metrics(cfg, out).items():
                 extras[key] = extras.get(key, 0.0) + value / accum
             done += 1
-        self.state.step += 1
-        self.state.tokens += cfg.derived.global_batch_size * cfg.data.seq_length
-        self.state.vectors += cfg.derived.global_batch_size * cfg.derived.steps_per_block
+        self._finish_step()
         grad_norm = engine.get_global_grad_norm()
         return {
             "loss": sum(losses) / len(losses), **extras,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": engine.get_lr()[0], "data_ms": 1e3 * data_time,
         }
+
+    def _train_step_3d(self, batches) -> dict[str, float]:
+        """One step of the 3d regime: the pipeline schedule runs all micro-batches; a non-finite
+        loss on any replica skips the whole step on every rank (the next batches take its place)."""
+        cfg, bad_in_a_row, data_time = self.cfg, 0, 0.0
+        while True:
+            start = time.perf_counter()
+            micro_batches = [next(batches).to(self.info.device, non_blocking=True)
+                             for _ in range(cfg.derived.gradient_accumulation_steps)]
+            data_time += time.perf_counter() - start
+            report = self.engine.train_batch(micro_batches)
+            if report is not None:
+                break
+            self.state.skipped_batches += len(micro_batches)
+            bad_in_a_row += 1
+            self._count_bad_step(bad_in_a_row)
+        self._finish_step()
+        extras = {"fid": report["fidelity"], "div": report["diversity"]} if "fidelity" in report else {}
+        return {"loss": report["loss"], **extras, "grad_norm": self.engine.get_global_grad_norm(),
+                "lr": self.engine.get_lr()[0], "data_ms": 1e3 * data_time}
+
+    def _evaluate(self) -> dict[str, float]:
+        if self.cfg.parallel.regime != "3d":
+            return evaluate(self.engine.module, self.cfg, self.eval_blocks, self.info.device)
+        # The 3d regime reports the held-out loss; BrierLM needs generation through the pipeline:
+        # convert the checkpoint and run calm-eval for it.
+        from megatron.core import parallel_state as ps
+
+        micro = list(self.eval_blocks.to(self.info.device).split(self.cfg.training.micro_batch_size))
+        if len(micro) > 1 and micro[-1].shape[0] != micro[0].shape[0]:
+            micro = micro[:-1]  # the schedule sends fixed-shape activations
+        loss = torch.tensor([self.engine.evaluate_loss(micro)], dtype=torch.float64, device=self.info.device)
+        if self.layout.data_parallel > 1:
+            dist.all_reduce(loss, group=ps.get_data_parallel_group())
+        return {"loss": float(loss) / self.layout.data_parallel}
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self) -> TrainState:
@@ -265,7 +323,7 @@ class Trainer:
                     metrics.log_train(step, step_metrics)
                     window_start, window_steps = time.perf_counter(), 0
                 if self.eval_blocks is not None and step % cfg.training.eval_interval == 0:
-                    self.final_eval = evaluate(self.engine.module, cfg, self.eval_blocks, info.device)
+                    self.final_eval = self._evaluate()
                     metrics.log_eval(step, self.final_eval)
                     last_eval = step
                 stop_reason = stop.agreed_reason()
@@ -282,7 +340,7 @@ class Trainer:
             if cfg.training.stage == "autoencoder" and finished:
                 self.export_autoencoder()  # whatever stopped the loop at the last step
             if self.eval_blocks is not None and finished and last_eval != self.state.step:
-                self.final_eval = evaluate(self.engine.module, cfg, self.eval_blocks, info.device)
+                self.final_eval = self._evaluate()
                 metrics.log_eval(self.state.step, self.final_eval)
         metrics.close()
         telemetry.close()

@@ -1,0 +1,134 @@
+"""CALM and the token baseline cut into megatron pipeline stages (the 3d regime).
+
+Placement, per stage of `pipeline_parallel`:
+- first stage: the token embedding and, for CALM, the input compressor (they read token ids, which
+  every stage has anyway, and produce the (S, B, D) activations the backbone exchanges);
+- every stage: its `num_layers / pipeline_parallel` backbone layers (megatron numbers them);
+- last stage: the final norm, then CALM's energy head, energy loss and the frozen autoencoder's
+  target encoding, or the baseline's output layer and cross-entropy. They read the last hidden
+  states and the block's tokens, both already there; anywhere else they would cost a send of
+  (S, B, D) states forward and of their gradient back. The autoencoder's encoder is small (a few
+  percent of a CALM-M step's FLOPs) and frozen, so keeping it off the other stages costs nothing.
+
+Within a stage the head, embeddings and compressor are replicated over the tensor ranks: they
+compute one model replica's activations from identical inputs and identical noise (the default
+generator is seeded per replica), so every tensor rank holds the same values and gradients, and the
+noise needs no communication. A tensor-parallel head would split its D x D matrices but add an
+all-reduce of N x P x D activations per block; the head is about 10% of CALM-XL's trainable
+parameters, so it stays replicated (not measured against the alternative yet).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from calm_dist.parallel.state import ParallelLayout
+
+# Submodules that only the first / the last stage keeps, per model class name.
+_FIRST_STAGE_ONLY = {"CALM": ("embed_tokens", "compressor"), "TokenBaseline": ("embed_tokens",)}
+_LAST_STAGE_ONLY = {"CALM": ("head", "autoencoder"), "TokenBaseline": ("lm_head",)}
+
+
+class PipelineStage(nn.Module):
+    """One rank's part of a model, in the form megatron's schedules drive: `config`,
+    `model_type`, `set_input_tensor`, and a forward that returns the activations to send (the
+    last stage: the model's output with its loss)."""
+
+    def __init__(self, model: nn.Module, layout: ParallelLayout, steps_per_block: int, autocast_dtype=None):
+        super().__init__()
+        from megatron.core.enums import ModelType
+
+        self.model = model
+        self.layout = layout
+        self.steps = steps_per_block
+        self.config = model.backbone.config
+        self.model_type = ModelType.encoder_or_decoder
+        self.autocast_dtype = autocast_dtype
+
+    def set_input_tensor(self, tensors) -> None:
+        tensor = tensors[0] if isinstance(tensors, (list, tuple)) else tensors
+        self.model.backbone.set_input_tensor(tensor)
+
+    def forward(self, tokens_BT: torch.Tensor):
+        device_type = tokens_BT.device.type
+        with torch.autocast(device_type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            x_SBD = None
+            if self.layout.first_stage:
+                x_SBD = self.model.transformer_inputs(tokens_BT).transpose(0, 1).contiguous()
+            h_SBD = self.model.backbone.forward_sequence_first(x_SBD, self.steps)
+            if not self.layout.last_stage:
+                return h_SBD.to(self.config.pipeline_dtype)  # the receiver's buffer dtype
+            return self.model.loss_from_hidden(h_SBD.transpose(0, 1), tokens_BT)
+
+
+def strip_to_stage(model: nn.Module, layout: ParallelLayout) -> nn.Module:
+    """Drop the submodules another stage owns (the backbone was built with only this stage's
+    layers already)."""
+    name = type(model).__name__
+    if name not in _FIRST_STAGE_ONLY:
+        raise ValueError(f"{name} cannot be pipelined: only CALM and the token baseline can")
+    if not layout.first_stage:
+        for part in _FIRST_STAGE_ONLY[name]:
+            setattr(model, part, None)
+    if not layout.last_stage:
+        for part in _LAST_STAGE_ONLY[name]:
+            setattr(model, part, None)
+    return model
+
+
+def _loss_func(output, loss: torch.Tensor):
+    """megatron's loss_func: the tensor to backpropagate and what to report. megatron divides the
+    returned tensor in place by the number of micro-batches, so the report holds copies."""
+    report = {"loss": loss.detach().clone()}
+    for name in ("fidelity", "diversity"):
+        if hasattr(output, name):
+            report[name] = getattr(output, name).detach().clone()
+    return loss, report
+
+
+def run_schedule(
+    stage: PipelineStage,
+    micro_batches: Sequence[torch.Tensor],
+    forward_only: bool = False,
+) -> list[dict[str, torch.Tensor]]:
+    """Forward (and backward) of every micro-batch through megatron's pipeline schedule (1F1B
+    with PP > 1, plain accumulation with PP = 1). The gradients of the micro-batches' mean loss
+    are left in `.grad`; the last stage returns one report per micro-batch, the others []."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator: Iterator[torch.Tensor], model: PipelineStage):
+        tokens = next(data_iterator)
+        output = model(tokens)
+        if not model.layout.last_stage:
+            return output, None
+        return output.loss, partial(_loss_func, output)
+
+    micro_batch_size = micro_batches[0].shape[0]
+    return list(
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro_batches),
+            model=[stage],
+            num_microbatches=len(micro_batches),
+            seq_length=stage.steps,
+            micro_batch_size=micro_batch_size,
+            forward_only=forward_only,
+        )
+    )
+
+
+def broadcast_from_last_stage(values: torch.Tensor, layout: ParallelLayout) -> torch.Tensor:
+    """The last stage's values on every stage of the pipeline (reports, finiteness flags)."""
+    if layout.pipeline_parallel == 1:
+        return values
+    from megatron.core import parallel_state as ps
+
+    source = ps.get_pipeline_model_parallel_last_rank()
+    dist.broadcast(values, src=source, group=ps.get_pipeline_model_parallel_group())
+    return values

@@ -1,0 +1,224 @@
+"""The 3d regime's training engine: megatron-core tensor and pipeline parallelism, ZeRO-1 over
+data parallelism.
+
+DeepSpeed's ZeRO-2/3 cannot be combined with pipeline parallelism (ANCHORS.md §0), so this regime
+does without DeepSpeed: megatron's schedules run forward and backward of all micro-batches, the
+gradients are averaged over the data-parallel group, clipped by the norm of the whole model
+(summed over tensor and pipeline ranks, each replicated weight counted once), and stepped by
+AdamW, sharded over the data-parallel group (torch's ZeroRedundancyOptimizer: ZeRO stage 1) when
+`parallel.zero_stage` is 1.
+
+It offers what the trainer and the checkpoint manager use of a DeepSpeed engine: `module`,
+`save_checkpoint`, `load_checkpoint`, `checkpoint_engine`, `get_lr`, `get_global_grad_norm`.
+Checkpoint files, in the checkpoint manager's `global_stepN/`:
+
+    mp_rank_{tp:02d}_{pp:03d}_model_states.pt      weights of one (tensor, pipeline) rank
+    optim_tp{tp:02d}_pp{pp:03d}_dp{dp:03d}.pt      that rank's optimizer shard and LR schedule
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from calm_dist.config.schema import JobConfig
+from calm_dist.optim import param_groups
+from calm_dist.parallel.pipeline import PipelineStage, broadcast_from_last_stage, run_schedule
+from calm_dist.parallel.sharding import tensor_parallel_rule
+from calm_dist.parallel.state import ParallelLayout
+from calm_dist.training.engine import lr_lambda
+
+logger = logging.getLogger(__name__)
+
+
+def model_file(layout: ParallelLayout) -> str:
+    return f"mp_rank_{layout.tp_rank:02d}_{layout.pp_rank:03d}_model_states.pt"
+
+
+def optim_file(layout: ParallelLayout) -> str:
+    return f"optim_tp{layout.tp_rank:02d}_pp{layout.pp_rank:03d}_dp{layout.dp_rank:03d}.pt"
+
+
+class _SynchronousCheckpoints:
+    """What the checkpoint manager asks of DeepSpeed's checkpoint engine."""
+
+    @staticmethod
+    def is_decoupled() -> bool:
+        return False
+
+
+class ModelParallelEngine:
+    def __init__(self, stage: PipelineStage, cfg: JobConfig, layout: ParallelLayout):
+        from megatron.core import parallel_state as ps
+
+        self.stage, self.cfg, self.layout = stage, cfg, layout
+        self.module = stage.model
+        self.checkpoint_engine = _SynchronousCheckpoints()
+        self.dp_group = ps.get_data_parallel_group()
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.model_parallel_group = ps.get_model_parallel_group()
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.device = self.params[0].device  # collectives need tensors where the backend is (NCCL: GPU)
+        opt = cfg.optimizer
+        kwargs = dict(lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
+        groups = param_groups(self.module, opt.weight_decay)
+        if cfg.parallel.zero_stage == 1 and layout.data_parallel > 1:
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            self.optimizer = ZeroRedundancyOptimizer(
+                groups, optimizer_class=torch.optim.AdamW, process_group=self.dp_group, **kwargs
+            )
+            name = f"torch AdamW, ZeRO-1 over {layout.data_parallel} data-parallel ranks"
+        else:
+            self.optimizer = torch.optim.AdamW(groups, **kwargs)
+            name = "torch AdamW (not sharded)"
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.grad_norm: float | None = None
+        logger.info("3d engine: TP=%d PP=%d DP=%d, optimizer %s", layout.tensor_parallel,
+                    layout.pipeline_parallel, layout.data_parallel, name)
+
+    # -- one optimizer step ------------------------------------------------------------------
+    def train_batch(self, micro_batches: list[torch.Tensor]) -> dict[str, float] | None:
+        """Forward, backward and (unless a loss is non-finite) an optimizer step over the
+        micro-batches of one step. Returns the mean reports, or None when the step was skipped
+        on every rank for a non-finite loss (no weight changed)."""
+        self.stage.train()
+        for param in self.params:
+            param.grad = None
+        reports = run_schedule(self.stage, micro_batches)
+        summary = self._summarise(reports, len(micro_batches))
+        if not bool(torch.isfinite(summary).all()):
+            for param in self.params:
+                param.grad = None
+            return None
+        self._average_data_parallel_grads()
+        self.grad_norm = self._clip_grads(self.cfg.optimizer.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        names = ["loss", "fidelity", "diversity"][: summary.numel()]
+        return dict(zip(names, summary.tolist()))
+
+    def _summarise(self, reports: list[dict], count: int) -> torch.Tensor:
+        """Mean loss (and CALM's fidelity, diversity) over the micro-batches of every replica, on
+        every rank; NaN everywhere if any replica saw a non-finite loss (the sum spreads it)."""
+        width = 3 if type(self.module).__name__ == "CALM" else 1
+        names = ["loss", "fidelity", "diversity"][:width]
+        values = torch.zeros(width, dtype=torch.float64, device=self.device)
+        if self.layout.last_stage:
+            values = torch.tensor([sum(float(r[n]) for r in reports) / count for n in names],
+                                  dtype=torch.float64, device=self.device)
+        values = broadcast_from_last_stage(values, self.layout)
+        if self.layout.data_parallel > 1:
+            dist.all_reduce(values, group=self.dp_group)
+            values /= self.layout.data_parallel
+        return values
+
+    def _average_data_parallel_grads(self) -> None:
+        """Mean gradient over the data-parallel replicas, in one flat all-reduce; under sequence
+        parallelism also the sum over tensor ranks of the weights each rank saw a slice of."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if self.layout.data_parallel > 1 and grads:
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=self.dp_group)
+            flat /= self.layout.data_parallel
+            for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                grad.copy_(synced)
+        if self.cfg.parallel.sequence_parallel:
+            for param in self.params:
+                if getattr(param, "sequence_parallel", False) and param.grad is not None:
+                    dist.all_reduce(param.grad, group=self.tp_group)
+
+    def _clip_grads(self, max_norm: float) -> float:
+        """The global gradient norm (whole model, counted once) and clipping to max_norm."""
+        square = torch.zeros(1, dtype=torch.float64, device=self.device)
+        for name, param in self.module.named_parameters():
+            if param.grad is None:
+                continue
+            sharded = tensor_parallel_rule(name) is not None
+            if sharded or self.layout.tp_rank == 0:  # a replicated weight counts once
+                square += param.grad.detach().double().pow(2).sum()
+        dist.all_reduce(square, group=self.model_parallel_group)
+        norm = float(square.sqrt())
+        if max_norm > 0 and norm > max_norm:
+            scale = max_norm / (norm + 1e-6)
+            for param in self.params:
+                if param.grad is not None:
+                    param.grad.mul_(scale)
+        return norm
+
+    # -- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate_loss(self, micro_batches: list[torch.Tensor]) -> float:
+        """Mean loss of the micro-batches (forward only), on every rank of the replica."""
+        self.stage.eval()
+        try:
+            reports = run_schedule(self.stage, micro_batches, forward_only=True)
+        finally:
+            self.stage.train()
+        value = torch.zeros(1, dtype=torch.float64, device=self.device)
+        if self.layout.last_stage:
+            value[0] = sum(float(r["loss"]) for r in reports) / len(micro_batches)
+        return float(broadcast_from_last_stage(value, self.layout)[0])
+
+    # -- what the trainer reads ---------------------------------------------------------------
+    def get_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def get_global_grad_norm(self) -> float | None:
+        return self.grad_norm
+
+    # -- checkpoints (called by CheckpointManager inside its atomic protocol) --------------------
+    def _optimizer_state(self) -> dict:
+        local = getattr(self.optimizer, "optim", self.optimizer)  # ZeRO-1: this rank's shard only
+        return local.state_dict()
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict | None = None, save_latest: bool = False):
+        path = Path(save_dir) / tag
+        path.mkdir(parents=True, exist_ok=True)
+        if self.layout.dp_rank == 0:  # the replicas hold identical weights
+            torch.save(self.module.state_dict(), path / model_file(self.layout))
+        torch.save({"optimizer": self._optimizer_state(), "lr_scheduler": self.scheduler.state_dict(),
+                    "client_state": client_state or {}}, path / optim_file(self.layout))
+
+    def load_checkpoint(self, load_dir: str, tag: str, load_optimizer_states: bool = True,
+                        load_lr_scheduler_states: bool = True):
+        path = Path(load_dir) / tag
+        weights = _load(path / model_file(self.layout))
+        self.module.load_state_dict(weights, strict=True)
+        state = _load(path / optim_file(self.layout))
+        if load_optimizer_states:
+            getattr(self.optimizer, "optim", self.optimizer).load_state_dict(state["optimizer"])
+        if load_lr_scheduler_states:
+            self.scheduler.load_state_dict(state["lr_scheduler"])
+        return str(path), state["client_state"]
+
+
+def _load(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the 3d checkpoint is incomplete or from another layout")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def build_3d_engine(cfg: JobConfig, layout: ParallelLayout, device: torch.device) -> ModelParallelEngine:
+    """This rank's pipeline stage of the configured model (its layers and tensor shards only),
+    started from training.init_weights when given, on `device`, in an engine."""
+    from calm_dist.models.backbone import BackboneOptions
+    from calm_dist.parallel.pipeline import strip_to_stage
+    from calm_dist.training.initial_weights import load_initial_weights
+    from calm_dist.training.stages import build_model
+
+    options = BackboneOptions(
+        pre_process=layout.first_stage,
+        post_process=layout.last_stage,
+        recompute=cfg.parallel.activation_recompute,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+    )
+    model = strip_to_stage(build_model(cfg, backbone_options=options), layout)
+    if cfg.training.init_weights:
+        load_initial_weights(model, cfg.training.init_weights, cfg.model.num_layers, layout)
+    autocast = torch.bfloat16 if cfg.training.precision == "bf16" else None
+    stage = PipelineStage(model.to(device), layout, cfg.derived.steps_per_block, autocast_dtype=autocast)
+    return ModelParallelEngine(stage, cfg, layout)

@@ -1,0 +1,51 @@
+"""`training.init_weights`: start a run from saved weights instead of a random initialisation.
+
+The source is what `calm-convert convert` writes (a directory with model.safetensors) or a bare
+.safetensors file, keyed like the single-process model's state dict. The 3d regime takes each
+rank's tensor/pipeline shard of it. The frozen autoencoder always comes from
+training.autoencoder_path, so `autoencoder.*` tensors in the source are ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from calm_dist.parallel.sharding import shard_state_dict
+from calm_dist.parallel.state import ParallelLayout
+
+_SKIPPED_PREFIX = "autoencoder."
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    file = path / "model.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"training.init_weights: {file} does not exist; point it at a calm-convert output directory "
+            "or a .safetensors file"
+        )
+    return {k: v for k, v in load_file(str(file)).items() if not k.startswith(_SKIPPED_PREFIX)}
+
+
+def load_initial_weights(model: nn.Module, path: str | Path, num_layers: int, layout: ParallelLayout) -> int:
+    """Copy this rank's part of the weights at `path` into `model`; returns how many tensors.
+    Every trainable weight of the model must be found, with its shape."""
+    full = read_weights(path)
+    own = model.state_dict()
+    keys = [k for k in own if not k.startswith(_SKIPPED_PREFIX)]
+    try:
+        shard = shard_state_dict(full, keys, num_layers, layout.tp_rank, layout.tensor_parallel,
+                                 layout.pp_rank, layout.pipeline_parallel)
+    except KeyError as err:
+        raise ValueError(f"training.init_weights {path}: not weights of this model ({err.args[0]})") from None
+    wrong = [f"{k}: {tuple(v.shape)} vs the model's {tuple(own[k].shape)}" for k, v in shard.items()
+             if v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(f"training.init_weights {path}: shapes do not match the model: {wrong[:3]}")
+    model.load_state_dict(shard, strict=False)
+    return len(shard)

@@ -1,0 +1,199 @@
+"""The 3d regime (megatron-core TP and PP, ZeRO-1 over DP) against one process, on CPU with gloo.
+
+Each multi-process run trains a few steps with 4 ranks from the same seed weights and the same
+batches as a single-process reference computed here. The reference draws each data-parallel
+replica's noise (energy-head samples, target samples) from that replica's generator, seeded as the
+3d ranks seed theirs, so the two compute the same maths: losses, gradients and weights must agree
+to float tolerance (TP and PP only change the order of float sums).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from calm_dist.config import load_config, validate
+from calm_dist.models.autoencoder import Autoencoder
+from calm_dist.models.autoencoder_io import save_autoencoder
+from calm_dist.parallel.sharding import merge_state_dicts, shard_state_dict
+from calm_dist.parallel.state import ParallelLayout, ensure_model_parallel, seed_all, training_seed
+from tests.dist_utils import WORKERS, run_distributed
+
+SHAPE = [
+    "model.hidden_size=64", "model.intermediate_size=172", "model.num_layers=4", "model.num_attention_heads=4",
+    "model.num_query_groups=2", "model.vocab_size=96", "model.pad_token_id=95", "model.bos_token_id=0",
+    "model.eos_token_id=0", "autoencoder.hidden_size=32", "autoencoder.intermediate_size=80",
+    "data.seq_length=32", "model.num_target_samples=16", "model.attention_backend=sdpa",
+    "optimizer.warmup_steps=0", "optimizer.lr=3e-3", "optimizer.grad_clip=0.5", "training.seed=7",
+]  # fmt: skip
+STEPS = 3
+
+
+def _config(preset: str, overrides: list[str], world_size: int = 1):
+    return validate(load_config(preset, overrides), world_size=world_size)
+
+
+@pytest.fixture(scope="module")
+def seed_files(tmp_path_factory):
+    """A random frozen autoencoder and, per stage, seed weights of the single-process model."""
+    from safetensors.torch import save_file
+
+    from calm_dist.training.stages import build_model
+
+    root = tmp_path_factory.mktemp("seed")
+    ensure_model_parallel()
+    ae_cfg = _config("tiny_calm", SHAPE).autoencoder
+    torch.manual_seed(0)
+    save_autoencoder(Autoencoder(ae_cfg).state_dict(), ae_cfg, root / "autoencoder")
+    files = {}
+    for preset in ("tiny_calm", "tiny_baseline"):
+        torch.manual_seed(1)
+        model = build_model(_config(preset, SHAPE + [f"training.autoencoder_path={root / 'autoencoder'}"]))
+        weights = {k: v.contiguous() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+        files[preset] = root / f"{preset}.safetensors"
+        save_file(weights, str(files[preset]))
+    return root, files
+
+
+def _reference(preset: str, overrides: list[str], tokens, dp: int, pp: int):
+    """Single process: the same steps, replica by replica, each with its own noise stream."""
+    from calm_dist.optim import param_groups
+    from calm_dist.training.engine import lr_lambda
+    from calm_dist.training.initial_weights import load_initial_weights
+    from calm_dist.training.stages import build_model
+
+    ensure_model_parallel()
+    cfg = _config(preset, overrides)
+    model = build_model(cfg)
+    load_initial_weights(model, cfg.training.init_weights, cfg.model.num_layers, ParallelLayout())
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optimizer.weight_decay), lr=cfg.optimizer.lr,
+                                  betas=(cfg.optimizer.beta1, cfg.optimizer.beta2), eps=cfg.optimizer.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    streams = []
+    for replica in range(dp):  # where each replica's last stage starts drawing
+        seed_all(training_seed(cfg.training.seed, ParallelLayout(pipeline_parallel=pp, pp_rank=pp - 1, dp_rank=replica)))
+        streams.append(torch.get_rng_state())
+    losses, first_grads, norms = [], None, []
+    for step in range(tokens.shape[0]):
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for replica in range(dp):
+            torch.set_rng_state(streams[replica])
+            for micro in tokens[step, replica]:
+                loss = model(micro).loss
+                (loss / (dp * tokens.shape[2])).backward()
+                step_loss += loss.item() / (dp * tokens.shape[2])
+            streams[replica] = torch.get_rng_state()
+        losses.append(step_loss)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip)))
+        if step == 0:  # clipped, as the ranks report theirs
+            first_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        optimizer.step()
+        scheduler.step()
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    return losses, first_grads, norms, weights
+
+
+def _run(tmp_path: Path, seed_files, preset: str, tp: int, pp: int, dp: int, accum: int, extra: list[str]):
+    root, files = seed_files
+    overrides = SHAPE + [
+        f"training.autoencoder_path={root / 'autoencoder'}", f"training.init_weights={files[preset]}",
+        "parallel.regime=3d", f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}",
+        "training.micro_batch_size=2", f"training.gradient_accumulation_steps={accum}", *extra,
+    ]  # fmt: skip
+    cfg = _config(preset, overrides, world_size=tp * pp * dp)
+    generator = torch.Generator().manual_seed(11)
+    tokens = torch.randint(1, cfg.model.vocab_size - 1, (STEPS, dp, accum, 2, cfg.derived.block_tokens), generator=generator)
+    torch.save(tokens, tmp_path / "tokens.pt")
+    spec = {"preset": preset, "overrides": overrides, "tokens": str(tmp_path / "tokens.pt"), "out": str(tmp_path)}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    run_distributed(WORKERS / "parallel3d_worker.py", str(tmp_path / "spec.json"), nproc=tp * pp * dp,
+                    tmp_path=tmp_path, timeout=240)
+    ranks = [torch.load(tmp_path / f"rank_{r}.pt", weights_only=True) for r in range(tp * pp * dp)]
+    single = [o for o in overrides if not o.startswith("parallel.")]
+    return cfg, ranks, _reference(preset, single, tokens, dp, pp)
+
+
+def _merged_grads(ranks, num_layers: int, dp_rank: int = 0):
+    shards = {(r["layout"]["tp_rank"], r["layout"]["pp_rank"]): r["grads"] for r in ranks
+              if r["layout"]["dp_rank"] == dp_rank}
+    return merge_state_dicts(shards, num_layers)
+
+
+def _assert_matches(cfg, ranks, reference, out: Path):
+    ref_losses, ref_grads, ref_norms, ref_weights = reference
+    for rank in ranks:  # every rank reports the replica-mean loss of each step
+        losses = [report["loss"] for report in rank["reports"]]
+        assert losses == pytest.approx(ref_losses, rel=2e-5, abs=1e-6), (rank["layout"], losses, ref_losses)
+        assert rank["grad_norm"] == pytest.approx(ref_norms[-1], rel=1e-4)
+    for dp_rank in {r["layout"]["dp_rank"] for r in ranks}:  # replicas agree after the all-reduce
+        grads = _merged_grads(ranks, cfg.model.num_layers, dp_rank)
+        assert set(grads) == set(ref_grads)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    # The converter merges the TP/PP checkpoint into the single-process model's weights.
+    from calm_dist.convert.source import merged_model_parallel_weights, resolve_checkpoint
+
+    merged = merged_model_parallel_weights(resolve_checkpoint(out / "checkpoints"))
+    assert set(merged) == set(ref_weights)
+    for name, weight in merged.items():
+        torch.testing.assert_close(weight, ref_weights[name], rtol=1e-4, atol=2e-5, msg=name)
+
+
+def test_tp2_pp2_calm_matches_one_process_and_converts(tmp_path, seed_files):
+    """TP=2 x PP=2, 2 micro-batches per step through the 1F1B schedule, full recomputation."""
+    cfg, ranks, reference = _run(tmp_path, seed_files, "tiny_calm", tp=2, pp=2, dp=1, accum=2,
+                                 extra=["parallel.zero_stage=0", "parallel.activation_recompute=full"])
+    _assert_matches(cfg, ranks, reference, tmp_path)
+
+
+def test_tp2_dp2_calm_matches_one_process_and_draws_noise_per_replica(tmp_path, seed_files):
+    """TP=2 x DP=2 with ZeRO-1 and selective recomputation; the energy head's noise is the same on
+    the tensor ranks of a replica and differs between replicas."""
+    cfg, ranks, reference = _run(tmp_path, seed_files, "tiny_calm", tp=2, pp=1, dp=2, accum=1,
+                                 extra=["parallel.zero_stage=1", "parallel.activation_recompute=selective"])
+    _assert_matches(cfg, ranks, reference, tmp_path)
+    noise = {(r["layout"]["dp_rank"], r["layout"]["tp_rank"]): r["noise"] for r in ranks}
+    assert torch.equal(noise[(0, 0)], noise[(0, 1)]) and torch.equal(noise[(1, 0)], noise[(1, 1)])
+    assert not torch.allclose(noise[(0, 0)], noise[(1, 0)])
+    assert noise[(0, 0)].abs().max() <= 0.5 and noise[(0, 0)].std() > 0.2  # U[-0.5, 0.5], not constant
+
+
+def test_pp2_dp2_baseline_matches_one_process(tmp_path, seed_files):
+    """The token baseline through PP=2 x DP=2 with ZeRO-1."""
+    cfg, ranks, reference = _run(tmp_path, seed_files, "tiny_baseline", tp=1, pp=2, dp=2, accum=2,
+                                 extra=["parallel.zero_stage=1"])
+    _assert_matches(cfg, ranks, reference, tmp_path)
+
+
+def test_shard_and_merge_are_inverse_for_every_layout(seed_files):
+    """Cutting a state dict for TP in {1, 2, 4} x PP in {1, 2, 4} and merging gives it back; the
+    TP shards of a SwiGLU fc1 hold [gate rows; up rows] of their rank."""
+    from safetensors.torch import load_file
+
+    full = load_file(str(seed_files[1]["tiny_calm"]))
+    layers = 4
+    for tp in (1, 2, 4):
+        for pp in (1, 2, 4):
+            shards = {}
+            for t in range(tp):
+                for p in range(pp):
+                    per = layers // pp
+                    keys = [k for k in full if not k.startswith("backbone.decoder.layers.")
+                            or p * per <= int(k.split(".")[3]) < (p + 1) * per]
+                    local = [k.replace(f"layers.{k.split('.')[3]}.", f"layers.{int(k.split('.')[3]) - p * per}.")
+                             if k.startswith("backbone.decoder.layers.") else k for k in keys]
+                    shards[(t, p)] = shard_state_dict(full, local, layers, t, tp, p, pp)
+            merged = merge_state_dicts(shards, layers)
+            assert set(merged) == set(full)
+            assert all(torch.equal(merged[k], full[k]) for k in full)
+    fc1 = full["backbone.decoder.layers.0.mlp.linear_fc1.weight"]
+    gate, up = fc1.chunk(2)
+    shard = shard_state_dict(full, ["backbone.decoder.layers.0.mlp.linear_fc1.weight"], layers, 1, 2, 0, 1)
+    assert torch.equal(shard["backbone.decoder.layers.0.mlp.linear_fc1.weight"],
+                       torch.cat([gate.chunk(2)[1], up.chunk(2)[1]]))

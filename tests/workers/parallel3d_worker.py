@@ -1,0 +1,62 @@
+"""A few 3d-regime training steps on fixed batches, for tests/test_parallel_3d.py.
+
+    torchrun --nproc_per_node 4 tests/workers/parallel3d_worker.py SPEC.json
+
+SPEC: {"preset", "overrides" (dotted), "tokens" (a .pt tensor [steps, dp, accum, micro, T]),
+"out"}. The engine is the trainer's own (`build_3d_engine`, started from training.init_weights).
+Each rank writes out/rank_R.pt: its layout, the step reports, its gradients after the first step
+(keyed like its weights) and the energy head's first noise draw (last stage, CALM). Rank 0 then
+writes a real checkpoint into out/checkpoints through the checkpoint manager.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+
+def main(spec_path: str) -> None:
+    from calm_dist.config import load_config, validate
+    from calm_dist.parallel.launch import init_distributed
+    from calm_dist.parallel.state import current_layout, ensure_model_parallel, seed_model_building, seed_training
+    from calm_dist.training.checkpoint import CheckpointManager
+    from calm_dist.training.engine_3d import build_3d_engine
+    from calm_dist.training.trainer import TrainState, checkpoint_meta
+
+    spec = json.loads(Path(spec_path).read_text())
+    out = Path(spec["out"])
+    info = init_distributed("cpu")
+    cfg = validate(load_config(spec["preset"], spec["overrides"]), world_size=info.world_size)
+    par = cfg.parallel
+    ensure_model_parallel(par.tensor_parallel, par.pipeline_parallel, seed=cfg.training.seed)
+    layout = current_layout()
+    seed_model_building(cfg.training.seed, layout)
+    engine = build_3d_engine(cfg, layout, info.device)
+    seed_training(cfg.training.seed, layout)
+
+    noise = []
+    head = getattr(engine.module, "head", None)
+    if head is not None:
+        head.register_forward_pre_hook(lambda module, args: noise.append(args[1].detach().clone()))
+
+    tokens = torch.load(spec["tokens"], weights_only=True)[:, layout.dp_rank]
+    reports, first_grads = [], {}
+    for step in range(tokens.shape[0]):
+        reports.append(engine.train_batch(list(tokens[step])))
+        if step == 0:
+            first_grads = {name: p.grad.clone() for name, p in engine.module.named_parameters() if p.grad is not None}
+    torch.save({"layout": asdict(layout), "reports": reports, "grads": first_grads,
+                "grad_norm": engine.get_global_grad_norm(), "noise": noise[0] if noise else None},
+               out / f"rank_{info.rank}.pt")
+
+    state = TrainState(step=tokens.shape[0])
+    manager = CheckpointManager(out / "checkpoints", keep_last=0, rank=info.rank, world_size=info.world_size)
+    manager.save(engine, state.step, checkpoint_meta(cfg, state, info.world_size, None), {"rank": info.rank})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
