@@ -75,6 +75,37 @@ def consumption_rate(micro_batch: int, steps: int) -> dict:
     return {"block_tokens": block, "ms_per_step": 1e3 * seconds, "tokens_per_s": micro_batch * block / seconds}
 
 
+NAME = "data"
+
+
+def run(quick: bool = False, threads: int = 2, workers: int = 2, micro_batch: int = 8, block: int = 260):
+    """The suite's entry (bench/__main__.py): the same measurements as main(), as a BenchResult."""
+    from bench.report import BenchResult, at_least
+
+    start = time.perf_counter()
+    result = BenchResult(NAME)
+    details: dict = {"threads": threads, "workers": workers}
+    with tempfile.TemporaryDirectory() as tmp:
+        details["prepare_gpt2_tiktoken"] = prepared_rate(Path(tmp) / "gpt2", load_gpt2(), threads)
+        details["loader"] = loader_rate(Path(tmp) / "gpt2" / "train", block, micro_batch, workers,
+                                        2.0 if quick else 5.0)
+    details["consumption"] = consumption_rate(micro_batch, 2 if quick else 3)
+    ratio = details["loader"]["tokens_per_s"] / details["consumption"]["tokens_per_s"]
+    details["loader_over_consumption"] = ratio
+    prep = details["prepare_gpt2_tiktoken"]
+    result.add(f"text -> shards, GPT-2 BPE (tiktoken, {threads} threads)", prep["tokens_per_s"] / 1e6, "M tokens/s",
+               ">= 1 M tokens/s", at_least(prep["tokens_per_s"], 1e6),
+               f"{prep['tokens']:,} tokens of the bundled corpus in {prep['seconds']:.1f} s")
+    c = details["consumption"]
+    result.add(f"loader / training consumption ({workers} workers, {micro_batch} x {block})", ratio, "x", ">= 10x",
+               at_least(ratio, 10.0),
+               f"loader {details['loader']['tokens_per_s'] / 1e6:.2f} M tokens/s; tiny_calm training step "
+               f"(fwd + bwd + AdamW) {c['tokens_per_s'] / 1e3:.1f} k tokens/s")
+    result.details = details
+    result.seconds = time.perf_counter() - start
+    return result
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2, help="tokenizer threads (tiktoken)")

@@ -1,0 +1,84 @@
+"""Helpers the benchmarks share: building a CALM and its same-backbone token baseline, and timing
+two things interleaved in one run (so that a noisy machine slows both alike)."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+
+def quiet_imports() -> None:
+    """megatron-core warns once per layer that apex is missing; the benchmarks say what runs instead."""
+    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+    warnings.filterwarnings("ignore", message=".*apex.*", category=UserWarning)
+
+
+def job_config(preset: str, overrides: Sequence[str] = ()):
+    from calm_dist.config import load_config, validate
+
+    return validate(load_config([preset], list(overrides)))
+
+
+def build_calm(cfg, seed: int = 0, attention_backend: str | None = None, realistic_head: bool = True) -> nn.Module:
+    """A CALM with a randomly initialised (frozen) autoencoder. `realistic_head`: the head's output
+    layer is zero at initialisation (every sample coincides); for timing, give it random weights so
+    that samples differ as in a trained model (the batch sampler's work depends on it)."""
+    from calm_dist.models.autoencoder import Autoencoder
+    from calm_dist.models.calm import CALM
+    from calm_dist.parallel.state import ensure_model_parallel
+
+    ensure_model_parallel()
+    torch.manual_seed(seed)
+    model = CALM(cfg.model, Autoencoder(cfg.autoencoder), attention_backend=attention_backend)
+    if realistic_head:
+        nn.init.normal_(model.head.output.weight, std=cfg.model.init_std)
+    return model
+
+
+def build_baseline(cfg, seed: int = 0, attention_backend: str | None = None) -> nn.Module:
+    from calm_dist.models.baseline import TokenBaseline
+    from calm_dist.parallel.state import ensure_model_parallel
+
+    ensure_model_parallel()
+    torch.manual_seed(seed)
+    return TokenBaseline(cfg.model, attention_backend=attention_backend)
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], object], device: torch.device | str = "cpu") -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                     device: torch.device | str = "cpu") -> dict[str, float]:
+    """Best-of-`repeats` seconds per call for each function, the calls interleaved (a, b, a, b, ...)
+    so that load from other jobs falls on all of them alike. The minimum is the least disturbed run."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            best[name] = min(best[name], time_call(fn, device))
+    return best
+
+
+def parameter_count(*modules: nn.Module) -> int:
+    """Distinct parameters of the given modules (a tied table counts once)."""
+    seen: dict[int, int] = {}
+    for module in modules:
+        for p in module.parameters():
+            seen[id(p)] = p.numel()
+    return sum(seen.values())
