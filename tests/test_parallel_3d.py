@@ -197,3 +197,66 @@ def test_shard_and_merge_are_inverse_for_every_layout(seed_files):
     shard = shard_state_dict(full, ["backbone.decoder.layers.0.mlp.linear_fc1.weight"], layers, 1, 2, 0, 1)
     assert torch.equal(shard["backbone.decoder.layers.0.mlp.linear_fc1.weight"],
                        torch.cat([gate.chunk(2)[1], up.chunk(2)[1]]))
+
+
+def test_trainer_resumes_a_tp2_pp2_run_exactly(tmp_path):
+    """`calm-train` in the 3d regime (4 ranks, TP=2 x PP=2, 2 micro-batches per step): stopping
+    after 2 steps and resuming gives the uninterrupted run's losses bit for bit; held-out losses
+    are logged; calm-convert merges its checkpoint and verifies the result."""
+    from calm_dist.training.golden import run_losses
+    from tests.train_utils import TINY, prepared_corpus_overrides, train
+
+    data = prepared_corpus_overrides(tmp_path / "data")
+    ae_cfg = _config("tiny_calm", data + TINY).autoencoder
+    torch.manual_seed(0)
+    save_autoencoder(Autoencoder(ae_cfg).state_dict(), ae_cfg, tmp_path / "autoencoder")
+    common = [f"training.autoencoder_path={tmp_path / 'autoencoder'}", "parallel.regime=3d",
+              "parallel.tensor_parallel=2", "parallel.pipeline_parallel=2", "parallel.zero_stage=1",
+              "training.gradient_accumulation_steps=2", "training.save_interval=2", "training.eval_interval=2",
+              "optimizer.warmup_steps=0"]  # fmt: skip
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(data, "tiny_calm", straight, "training.train_steps=4", *common, nproc=4)
+    train(data, "tiny_calm", split, "training.train_steps=2", *common, nproc=4)
+    train(data, "tiny_calm", split, "training.train_steps=4", *common, nproc=4)
+    reference, resumed = run_losses(straight), run_losses(split)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    assert all(resumed[s] == reference[s] for s in (1, 2, 3, 4)), (resumed, reference)
+
+    meta = json.loads((straight / "checkpoints" / "global_step4" / "meta.json").read_text())
+    assert meta["layout"]["regime"] == "3d" and meta["layout"]["tensor_parallel"] == 2
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4] and all(0 < r["loss"] < 1e3 for r in evals)
+
+    # calm-convert merges the shards and verifies the converted model against the checkpoint's
+    import subprocess
+    import sys
+
+    from tests.train_utils import child_env
+
+    converted = tmp_path / "converted"
+    proc = subprocess.run([sys.executable, "-m", "calm_dist.convert", "convert", str(straight), str(converted)],
+                          capture_output=True, text=True, env=child_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "verified" in proc.stderr and (converted / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.regime=zero3", "parallel.tensor_parallel=2"], "use parallel.regime=3d"),
+    (["parallel.regime=3d", "parallel.pipeline_parallel=2", "parallel.zero_stage=3"], "ZeRO-2/3"),
+    (["parallel.regime=3d", "parallel.tensor_parallel=2", "parallel.zero_stage=1",
+      "parallel.sequence_parallel=true"], "model.attention_backend=te"),
+    (["parallel.regime=3d", "parallel.zero_stage=1", "parallel.sequence_parallel=true"], "tensor_parallel > 1"),
+    (["parallel.regime=3d", "parallel.zero_stage=1", "training.stage=autoencoder"], "no backbone to split"),
+    (["parallel.regime=3d", "parallel.zero_stage=1", "parallel.ds_preset=zero3_bf16"], "leave it empty"),
+    (["parallel.regime=3d", "parallel.pipeline_parallel=3", "parallel.zero_stage=1"], "must divide model.num_layers"),
+])  # fmt: skip
+def test_validation_accepts_only_supported_layouts(overrides, message):
+    from calm_dist.config.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
+        _config("tiny_calm", SHAPE + overrides, world_size=12)
+    # and the supported 3d layouts validate, with the data-parallel size derived
+    cfg = _config("tiny_calm", SHAPE + ["parallel.regime=3d", "parallel.tensor_parallel=2",
+                                        "parallel.pipeline_parallel=2", "parallel.zero_stage=1"], world_size=8)
+    assert cfg.derived.data_parallel_size == 2
