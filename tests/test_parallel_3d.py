@@ -260,3 +260,50 @@ def test_validation_accepts_only_supported_layouts(overrides, message):
     cfg = _config("tiny_calm", SHAPE + ["parallel.regime=3d", "parallel.tensor_parallel=2",
                                         "parallel.pipeline_parallel=2", "parallel.zero_stage=1"], world_size=8)
     assert cfg.derived.data_parallel_size == 2
+
+
+def _saved_bytes(module: torch.nn.Module, run) -> int:
+    """Bytes of the tensors autograd keeps for backward while `run()` executes (weights excluded)."""
+    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    kept: dict = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage().data_ptr()
+        if storage not in weights:
+            kept[(storage, tensor.storage_offset(), tensor.numel())] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(kept.values())
+
+
+def test_memory_estimate_uses_the_activations_our_layers_keep():
+    """The coefficients of calm_dist.parallel.memory, re-measured on a 1-layer backbone (the paper's
+    FFN ratio) and energy heads of 1 and 2 blocks; and the arithmetic for a worked example."""
+    from calm_dist.models.backbone import Backbone
+    from calm_dist.models.energy_head import EnergyHead
+    from calm_dist.parallel import memory
+
+    ensure_model_parallel()
+    steps, hidden, samples = 96, 256, 8
+    cfg = _config("tiny_calm", ["model.hidden_size=256", "model.intermediate_size=688", "model.num_layers=1",
+                                "model.attention_backend=sdpa"])
+    backbone = Backbone(cfg.model).train()
+    x = torch.randn(1, steps, hidden, requires_grad=True)
+    per_layer = _saved_bytes(backbone, lambda: backbone(x)) / (steps * hidden)
+    assert per_layer == pytest.approx(memory.LAYER_BYTES, rel=0.1)
+    h = torch.randn(steps, hidden, requires_grad=True)
+    heads = [EnergyHead(hidden, 128, 64, blocks, 0.02) for blocks in (1, 2)]
+    one, two = (_saved_bytes(head, lambda head=head: head.sample(h, samples)) / (samples * steps * hidden)
+                for head in heads)
+    assert two - one == pytest.approx(memory.HEAD_BLOCK_BYTES, rel=0.1)
+    assert 2 * one - two == pytest.approx(memory.HEAD_INPUT_BYTES, rel=0.1)
+
+    # CALM-XL on 8 ranks, TP = 2: 1,197M parameters per GPU (the replicated embedding, compressor
+    # and head, half of the backbone) at 4 + 4 bytes plus Adam's 8 over 4 replicas
+    xl = validate(load_config("calm_xl", ["parallel.regime=3d", "parallel.tensor_parallel=2",
+                                          "parallel.zero_stage=1"]), world_size=8)
+    est = memory.estimate_memory(xl)
+    assert est.params_per_gpu / 1e6 == pytest.approx(1197, abs=1)
+    assert est.states_gb == pytest.approx(est.params_per_gpu * 10 / 1e9)

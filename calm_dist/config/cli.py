@@ -1,6 +1,7 @@
 """`calm-config`: print the validated, resolved configuration (derived values included) as YAML.
 
     calm-config --config calm_m --config site.yaml training.micro_batch_size=2 --world-size 64
+    calm-config --config calm_xl --world-size 64 --memory     # per-GPU memory of that layout
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", "-c", action="append", default=[], metavar="FILE_OR_PRESET",
                         help="a YAML file or preset name; repeat to layer (later wins)")
     parser.add_argument("--world-size", type=int, default=1, help="ranks to validate for (default 1)")
+    parser.add_argument("--memory", action="store_true",
+                        help="print the per-GPU memory estimate of the layout instead of the config")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="dotted overrides applied after all files, e.g. model.hidden_size=512")
     return parser
@@ -37,6 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"calm-config: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    if args.memory:
+        from calm_dist.parallel.memory import describe
+
+        sys.stdout.write(describe(cfg))
+        return 0
     sys.stdout.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return 0
 
