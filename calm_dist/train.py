@@ -45,15 +45,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = validate(load_config(args.config, args.overrides), world_size=_world_size())
-        ds_config = build_ds_config(cfg, on_cuda=torch.cuda.is_available())
+        # The 3d regime trains without DeepSpeed (megatron-core schedules, ZeRO-1 from torch).
+        ds_config = build_ds_config(cfg, on_cuda=torch.cuda.is_available()) if cfg.parallel.regime == "zero3" else None
     except (ConfigError, DeepSpeedPresetError) as err:
         print(f"calm-train: error: {err}", file=sys.stderr)
         return 2
     if args.dry_run:
         import yaml
 
+        from calm_dist.parallel.memory import describe
+
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        print(json.dumps(ds_config, indent=2))
+        if ds_config is not None:
+            print(json.dumps(ds_config, indent=2))
+        print(describe(cfg), end="")
         return 0
 
     from calm_dist.environment import log_backend_report

@@ -27,3 +27,22 @@ def test_calm_m_forward_backward_on_one_gpu_in_bf16():
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert all(p.grad is None for p in model.autoencoder.parameters())
+
+
+def test_3d_engine_steps_in_bf16_on_one_gpu():
+    """The 3d regime's engine (TP = PP = 1 on one GPU) takes bf16 autocast steps with fp32
+    weights: finite losses that fall on a repeated batch."""
+    from calm_dist.parallel.state import current_layout, seed_model_building, seed_training
+    from calm_dist.training.engine_3d import build_3d_engine
+
+    ensure_model_parallel()
+    cfg = validate(load_config(["tiny_baseline"], ["parallel.regime=3d", "parallel.zero_stage=1",
+                                                   "training.precision=bf16", "optimizer.warmup_steps=0"]))
+    layout = current_layout()
+    seed_model_building(cfg.training.seed, layout)
+    engine = build_3d_engine(cfg, layout, torch.device("cuda"))
+    seed_training(cfg.training.seed, layout)
+    assert all(p.dtype == torch.float32 for p in engine.module.parameters())
+    tokens = torch.randint(1, 4000, (cfg.training.micro_batch_size, cfg.derived.block_tokens), device="cuda")
+    losses = [engine.train_batch([tokens])["loss"] for _ in range(5)]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]

@@ -307,3 +307,13 @@ def test_memory_estimate_uses_the_activations_our_layers_keep():
     est = memory.estimate_memory(xl)
     assert est.params_per_gpu / 1e6 == pytest.approx(1197, abs=1)
     assert est.states_gb == pytest.approx(est.params_per_gpu * 10 / 1e9)
+
+
+def test_bf16_3d_on_a_cpu_is_refused_before_building():
+    from calm_dist.parallel.state import current_layout
+    from calm_dist.training.engine_3d import build_3d_engine
+
+    ensure_model_parallel()
+    cfg = _config("tiny_baseline", SHAPE + ["parallel.regime=3d", "parallel.zero_stage=1", "training.precision=bf16"])
+    with pytest.raises(ValueError, match="training.precision=fp32"):
+        build_3d_engine(cfg, current_layout(), torch.device("cpu"))

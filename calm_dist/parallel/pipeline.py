@@ -20,6 +20,7 @@ parameters, so it stays replicated (not measured against the alternative yet).
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from typing import Iterator, Sequence
 
@@ -55,9 +56,10 @@ class PipelineStage(nn.Module):
         self.model.backbone.set_input_tensor(tensor)
 
     def forward(self, tokens_BT: torch.Tensor):
-        device_type = tokens_BT.device.type
-        with torch.autocast(device_type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
+        precision = contextlib.nullcontext()
+        if self.autocast_dtype is not None:  # bf16 compute, fp32 weights and optimizer
+            precision = torch.autocast(tokens_BT.device.type, dtype=self.autocast_dtype)
+        with precision:
             x_SBD = None
             if self.layout.first_stage:
                 x_SBD = self.model.transformer_inputs(tokens_BT).transpose(0, 1).contiguous()

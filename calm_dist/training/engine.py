@@ -47,11 +47,8 @@ class DeepSpeedPresetError(ValueError):
 
 def preset_path(cfg: JobConfig) -> Path:
     name = cfg.parallel.ds_preset
-    if not name:
-        if cfg.parallel.regime == "3d":
-            name = "zero1_bf16"
-        else:
-            name = "zero3_offload_bf16" if cfg.parallel.offload_optimizer else "zero3_bf16"
+    if not name:  # the stage itself always comes from parallel.zero_stage
+        name = "zero3_offload_bf16" if cfg.parallel.offload_optimizer else "zero3_bf16"
     path = Path(name)
     if path.suffix != ".json":
         path = DS_CONFIG_DIR / f"{name}.json"

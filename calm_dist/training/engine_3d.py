@@ -210,6 +210,11 @@ def build_3d_engine(cfg: JobConfig, layout: ParallelLayout, device: torch.device
     from calm_dist.training.initial_weights import load_initial_weights
     from calm_dist.training.stages import build_model
 
+    if cfg.training.precision == "bf16" and device.type != "cuda":
+        raise ValueError(
+            "training.precision=bf16 in the 3d regime computes under CUDA autocast (megatron's "
+            "tensor-parallel layers cast their backward only there): on a CPU use training.precision=fp32"
+        )
     options = BackboneOptions(
         pre_process=layout.first_stage,
         post_process=layout.last_stage,
