@@ -184,7 +184,7 @@ def run(quick: bool = False, out_dir: Path | None = None, configs: list[str] | N
     measurements = {}
     for name in configs or list(CONFIGS):
         calm_preset, base_preset, overrides, seq, batch = CONFIGS[name]
-        m = measure(calm_preset, base_preset, overrides, seq, batch, repeats=2 if quick else 4)
+        m = measure(calm_preset, base_preset, overrides, seq, batch, repeats=3 if quick else 5)
         measurements[name] = m
         result.details[name] = m
         parts = m["calm_breakdown_ms"]
@@ -196,6 +196,11 @@ def run(quick: bool = False, out_dir: Path | None = None, configs: list[str] | N
                   f"{m['ratio'] / m['flops_limit']:.0%} of the FLOPs limit; CALM step {m['calm_ms_per_step']:.0f} ms, "
                   f"parts timed alone: {where}"),
         )
+        for kind in ("calm", "baseline"):
+            share = sum(m[f"{kind}_breakdown_ms"].values()) / m[f"{kind}_ms_per_step"]
+            if share < 0.7:  # the parts, timed beside the step, should add up to about the step
+                figure.note += (f". Noisy: {kind}'s parts add up to only {share:.0%} of its best whole step "
+                                "(other jobs on the machine); rerun")
         if figure.met is False:
             energy = next(ms for part, ms in parts.items() if part.startswith("energy"))
             figure.note += (f". Why: the formula counts the energy loss (M x N distances in exact differences, the "
