@@ -111,7 +111,7 @@ def run(quick: bool = False, configs: list[str] | None = None, new_tokens: int |
         paper = generation_limits(calm_m, trans_m, 2048)
         result.details["m50k_flops_limit_at_context_2048"] = paper
         result.add("limit at CALM-M / Transformer-M shapes, 50k vocabulary (formula)", paper["flops_limit"], "x",
-                   "", None, "FLOPs per token, T=1, context 2048; the issue expects about 3x")
+                   "", None, "FLOPs per token, T=1, context 2048; about 3x expected")
         for name in configs:
             calm_preset, base_preset, overrides = CONFIGS[name]
             calm_cfg, base_cfg = job_config(calm_preset, overrides), job_config(base_preset, overrides)
