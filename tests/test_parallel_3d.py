@@ -24,7 +24,7 @@ from tests.dist_utils import WORKERS, run_distributed
 
 SHAPE = [
     "model.hidden_size=64", "model.intermediate_size=172", "model.num_layers=4", "model.num_attention_heads=4",
-    "model.num_query_groups=2", "model.vocab_size=96", "model.pad_token_id=95", "model.bos_token_id=0",
+    "model.num_query_groups=2", "model.vocab_size=97", "model.pad_token_id=96", "model.bos_token_id=0",
     "model.eos_token_id=0", "autoencoder.hidden_size=32", "autoencoder.intermediate_size=80",
     "data.seq_length=32", "model.num_target_samples=16", "model.attention_backend=sdpa",
     "optimizer.warmup_steps=0", "optimizer.lr=3e-3", "optimizer.grad_clip=0.5", "training.seed=7",
@@ -135,14 +135,16 @@ def _assert_matches(cfg, ranks, reference, out: Path):
         grads = _merged_grads(ranks, cfg.model.num_layers, dp_rank)
         assert set(grads) == set(ref_grads)
         for name, grad in grads.items():
-            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     # The converter merges the TP/PP checkpoint into the single-process model's weights.
     from calm_dist.convert.source import merged_model_parallel_weights, resolve_checkpoint
 
+    # After 3 AdamW steps (lr 3e-3) an element whose gradient is ~0 turns float noise into up to a
+    # step's worth of difference: atol is 3% of one step; a misplaced shard is off by ~0.02.
     merged = merged_model_parallel_weights(resolve_checkpoint(out / "checkpoints"))
     assert set(merged) == set(ref_weights)
     for name, weight in merged.items():
-        torch.testing.assert_close(weight, ref_weights[name], rtol=1e-4, atol=2e-5, msg=name)
+        torch.testing.assert_close(weight, ref_weights[name], rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_tp2_pp2_calm_matches_one_process_and_converts(tmp_path, seed_files):
@@ -164,10 +166,14 @@ def test_tp2_dp2_calm_matches_one_process_and_draws_noise_per_replica(tmp_path, 
     assert noise[(0, 0)].abs().max() <= 0.5 and noise[(0, 0)].std() > 0.2  # U[-0.5, 0.5], not constant
 
 
-def test_pp2_dp2_baseline_matches_one_process(tmp_path, seed_files):
-    """The token baseline through PP=2 x DP=2 with ZeRO-1."""
-    cfg, ranks, reference = _run(tmp_path, seed_files, "tiny_baseline", tp=1, pp=2, dp=2, accum=2,
-                                 extra=["parallel.zero_stage=1"])
+def test_tp2_pp2_baseline_with_a_vocabulary_parallel_output_matches_one_process(tmp_path, seed_files):
+    """The token baseline through TP=2 x PP=2: its output layer split by vocabulary over the
+    tensor ranks, unevenly (97 = 49 + 48 rows), with the vocabulary-parallel cross-entropy."""
+    cfg, ranks, reference = _run(tmp_path, seed_files, "tiny_baseline", tp=2, pp=2, dp=1, accum=2,
+                                 extra=["parallel.zero_stage=0"])
+    shapes = {(r["layout"]["tp_rank"], r["layout"]["pp_rank"]): tuple(r["grads"]["lm_head.weight"].shape)
+              for r in ranks if "lm_head.weight" in r["grads"]}
+    assert shapes == {(0, 1): (49, 64), (1, 1): (48, 64)}
     _assert_matches(cfg, ranks, reference, tmp_path)
 
 

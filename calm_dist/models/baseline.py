@@ -23,6 +23,11 @@ class BaselineOutput(NamedTuple):
     num_positions: int
 
 
+def token_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, in fp32."""
+    return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten())
+
+
 class TokenBaseline(nn.Module):
     def __init__(
         self,
@@ -37,6 +42,7 @@ class TokenBaseline(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         nn.init.normal_(self.embed_tokens.weight, std=cfg.init_std)
         nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+        self.token_loss = token_loss  # a vocabulary-parallel one under tensor parallelism
 
     def logits(self, tokens_BT: torch.Tensor, cache=None) -> torch.Tensor:
         """Next-token logits at every position: (B, T, V)."""
@@ -55,7 +61,7 @@ class TokenBaseline(nn.Module):
     def loss_from_hidden(self, h_BTD: torch.Tensor, tokens_BT: torch.Tensor) -> BaselineOutput:
         """Next-token cross-entropy of the backbone states h (B, T, D) against tokens 2..T+1."""
         logits_BTV = self.lm_head(h_BTD)
-        loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), tokens_BT[:, 1:].flatten())
+        loss = self.token_loss(logits_BTV, tokens_BT[:, 1:])
         return BaselineOutput(loss=loss, num_positions=logits_BTV.shape[0] * logits_BTV.shape[1])
 
 

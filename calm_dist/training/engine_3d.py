@@ -207,6 +207,7 @@ def build_3d_engine(cfg: JobConfig, layout: ParallelLayout, device: torch.device
     started from training.init_weights when given, on `device`, in an engine."""
     from calm_dist.models.backbone import BackboneOptions
     from calm_dist.parallel.pipeline import strip_to_stage
+    from calm_dist.parallel.vocab_parallel import parallelize_output
     from calm_dist.training.initial_weights import load_initial_weights
     from calm_dist.training.stages import build_model
 
@@ -221,7 +222,7 @@ def build_3d_engine(cfg: JobConfig, layout: ParallelLayout, device: torch.device
         recompute=cfg.parallel.activation_recompute,
         sequence_parallel=cfg.parallel.sequence_parallel,
     )
-    model = strip_to_stage(build_model(cfg, backbone_options=options), layout)
+    model = parallelize_output(strip_to_stage(build_model(cfg, backbone_options=options), layout), layout)
     if cfg.training.init_weights:
         load_initial_weights(model, cfg.training.init_weights, cfg.model.num_layers, layout)
     autocast = torch.bfloat16 if cfg.training.precision == "bf16" else None
