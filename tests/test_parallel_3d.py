@@ -323,3 +323,12 @@ def test_bf16_3d_on_a_cpu_is_refused_before_building():
     cfg = _config("tiny_baseline", SHAPE + ["parallel.regime=3d", "parallel.zero_stage=1", "training.precision=bf16"])
     with pytest.raises(ValueError, match="training.precision=fp32"):
         build_3d_engine(cfg, current_layout(), torch.device("cpu"))
+
+
+def test_gradient_buckets_keep_order_and_bound_their_size():
+    from calm_dist.training.engine_3d import _buckets
+
+    tensors = [torch.zeros(n) for n in (3, 4, 10, 1, 2, 2)]
+    groups = _buckets(tensors, max_elements=6)
+    assert [[t.numel() for t in g] for g in groups] == [[3], [4], [10], [1, 2, 2]]
+    assert [t for g in groups for t in g] == tensors

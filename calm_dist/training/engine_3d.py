@@ -120,12 +120,13 @@ class ModelParallelEngine:
         """Mean gradient over the data-parallel replicas, in one flat all-reduce; under sequence
         parallelism also the sum over tensor ranks of the weights each rank saw a slice of."""
         grads = [p.grad for p in self.params if p.grad is not None]
-        if self.layout.data_parallel > 1 and grads:
-            flat = torch._utils._flatten_dense_tensors(grads)
-            dist.all_reduce(flat, group=self.dp_group)
-            flat /= self.layout.data_parallel
-            for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-                grad.copy_(synced)
+        if self.layout.data_parallel > 1:
+            for bucket in _buckets(grads, _BUCKET_ELEMENTS):  # few collectives, bounded extra memory
+                flat = torch._utils._flatten_dense_tensors(bucket)
+                dist.all_reduce(flat, group=self.dp_group)
+                flat /= self.layout.data_parallel
+                for grad, synced in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket)):
+                    grad.copy_(synced)
         if self.cfg.parallel.sequence_parallel:
             for param in self.params:
                 if getattr(param, "sequence_parallel", False) and param.grad is not None:
@@ -194,6 +195,23 @@ class ModelParallelEngine:
         if load_lr_scheduler_states:
             self.scheduler.load_state_dict(state["lr_scheduler"])
         return str(path), state["client_state"]
+
+
+_BUCKET_ELEMENTS = 64 * 1024 * 1024  # 256 MB of fp32 gradients per all-reduce
+
+
+def _buckets(tensors: list[torch.Tensor], max_elements: int) -> list[list[torch.Tensor]]:
+    """Consecutive groups of at most max_elements (a larger tensor forms its own group)."""
+    groups, current, size = [], [], 0
+    for tensor in tensors:
+        if current and size + tensor.numel() > max_elements:
+            groups.append(current)
+            current, size = [], 0
+        current.append(tensor)
+        size += tensor.numel()
+    if current:
+        groups.append(current)
+    return groups
 
 
 def _load(path: Path) -> dict:
