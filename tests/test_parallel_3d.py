@@ -68,7 +68,7 @@ def _reference(preset: str, overrides: list[str], tokens, dp: int, pp: int):
     ensure_model_parallel()
     cfg = _config(preset, overrides)
     model = build_model(cfg)
-    load_initial_weights(model, cfg.training.init_weights, cfg.model.num_layers, ParallelLayout())
+    load_initial_weights(model, cfg.training.init_weights)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optimizer.weight_decay), lr=cfg.optimizer.lr,
@@ -120,8 +120,8 @@ def _run(tmp_path: Path, seed_files, preset: str, tp: int, pp: int, dp: int, acc
 
 
 def _merged_grads(ranks, num_layers: int, dp_rank: int = 0):
-    shards = {(r["layout"]["tp_rank"], r["layout"]["pp_rank"]): r["grads"] for r in ranks
-              if r["layout"]["dp_rank"] == dp_rank}
+    shards = {(r["layout"]["tp_rank"], r["layout"]["pp_rank"], int(chunk[5:])): grads for r in ranks
+              if r["layout"]["dp_rank"] == dp_rank for chunk, grads in r["grads"].items()}
     return merge_state_dicts(shards, num_layers)
 
 
@@ -154,6 +154,16 @@ def test_tp2_pp2_calm_matches_one_process_and_converts(tmp_path, seed_files):
     _assert_matches(cfg, ranks, reference, tmp_path)
 
 
+def test_pp2_with_two_virtual_stages_calm_matches_one_process(tmp_path, seed_files):
+    """PP=2 x 2 virtual stages (interleaved 1F1B: rank 0 holds layers 0 and 2, rank 1 layers 1 and
+    3), 2 processes, 2 micro-batches per step."""
+    cfg, ranks, reference = _run(tmp_path, seed_files, "tiny_calm", tp=1, pp=2, dp=1, accum=2,
+                                 extra=["parallel.zero_stage=0", "parallel.virtual_pipeline_stages=2"])
+    _assert_matches(cfg, ranks, reference, tmp_path)
+    assert {r["layout"]["pp_rank"]: sorted(r["grads"]) for r in ranks} == {0: ["chunk0", "chunk1"],
+                                                                          1: ["chunk0", "chunk1"]}
+
+
 def test_tp2_dp2_calm_matches_one_process_and_draws_noise_per_replica(tmp_path, seed_files):
     """TP=2 x DP=2 with ZeRO-1 and selective recomputation; the energy head's noise is the same on
     the tensor ranks of a replica and differs between replicas."""
@@ -171,36 +181,42 @@ def test_tp2_pp2_baseline_with_a_vocabulary_parallel_output_matches_one_process(
     tensor ranks, unevenly (97 = 49 + 48 rows), with the vocabulary-parallel cross-entropy."""
     cfg, ranks, reference = _run(tmp_path, seed_files, "tiny_baseline", tp=2, pp=2, dp=1, accum=2,
                                  extra=["parallel.zero_stage=0"])
-    shapes = {(r["layout"]["tp_rank"], r["layout"]["pp_rank"]): tuple(r["grads"]["lm_head.weight"].shape)
-              for r in ranks if "lm_head.weight" in r["grads"]}
+    shapes = {(r["layout"]["tp_rank"], r["layout"]["pp_rank"]): tuple(r["grads"]["chunk0"]["lm_head.weight"].shape)
+              for r in ranks if "lm_head.weight" in r["grads"]["chunk0"]}
     assert shapes == {(0, 1): (49, 64), (1, 1): (48, 64)}
     _assert_matches(cfg, ranks, reference, tmp_path)
 
 
 def test_shard_and_merge_are_inverse_for_every_layout(seed_files):
-    """Cutting a state dict for TP in {1, 2, 4} x PP in {1, 2, 4} and merging gives it back; the
-    TP shards of a SwiGLU fc1 hold [gate rows; up rows] of their rank."""
+    """Cutting a state dict for TP in {1, 2, 4} x PP in {1, 2} x virtual stages in {1, 2} and
+    merging gives it back; chunks hold megatron's interleaved layers; the TP shards of a SwiGLU
+    fc1 hold [gate rows; up rows] of their rank."""
     from safetensors.torch import load_file
+
+    from calm_dist.parallel.sharding import layer_offset
 
     full = load_file(str(seed_files[1]["tiny_calm"]))
     layers = 4
+    assert [layer_offset(layers, 2, p, 2, v) for v in (0, 1) for p in (0, 1)] == [0, 1, 2, 3]
     for tp in (1, 2, 4):
-        for pp in (1, 2, 4):
-            shards = {}
-            for t in range(tp):
-                for p in range(pp):
-                    per = layers // pp
-                    keys = [k for k in full if not k.startswith("backbone.decoder.layers.")
-                            or p * per <= int(k.split(".")[3]) < (p + 1) * per]
-                    local = [k.replace(f"layers.{k.split('.')[3]}.", f"layers.{int(k.split('.')[3]) - p * per}.")
-                             if k.startswith("backbone.decoder.layers.") else k for k in keys]
-                    shards[(t, p)] = shard_state_dict(full, local, layers, t, tp, p, pp)
-            merged = merge_state_dicts(shards, layers)
-            assert set(merged) == set(full)
-            assert all(torch.equal(merged[k], full[k]) for k in full)
+        for pp in (1, 2):
+            for vpp in (1, 2):
+                per = layers // (pp * vpp)
+                shards = {}
+                for t in range(tp):
+                    for p in range(pp):
+                        for v in range(vpp):
+                            offset = layer_offset(layers, pp, p, vpp, v)
+                            local = [k for k in full if not k.startswith("backbone.decoder.layers.")]
+                            local += [f"backbone.decoder.layers.{i}.{rest}" for i in range(per)
+                                      for rest in {k.split(".", 4)[4] for k in full if k.startswith("backbone.decoder.layers.")}]
+                            shards[(t, p, v)] = shard_state_dict(full, local, offset, t, tp)
+                merged = merge_state_dicts(shards, layers)
+                assert set(merged) == set(full)
+                assert all(torch.equal(merged[k], full[k]) for k in full)
     fc1 = full["backbone.decoder.layers.0.mlp.linear_fc1.weight"]
     gate, up = fc1.chunk(2)
-    shard = shard_state_dict(full, ["backbone.decoder.layers.0.mlp.linear_fc1.weight"], layers, 1, 2, 0, 1)
+    shard = shard_state_dict(full, ["backbone.decoder.layers.0.mlp.linear_fc1.weight"], 0, 1, 2)
     assert torch.equal(shard["backbone.decoder.layers.0.mlp.linear_fc1.weight"],
                        torch.cat([gate.chunk(2)[1], up.chunk(2)[1]]))
 
@@ -256,6 +272,11 @@ def test_trainer_resumes_a_tp2_pp2_run_exactly(tmp_path):
     (["parallel.regime=3d", "parallel.zero_stage=1", "training.stage=autoencoder"], "no backbone to split"),
     (["parallel.regime=3d", "parallel.zero_stage=1", "parallel.ds_preset=zero3_bf16"], "leave it empty"),
     (["parallel.regime=3d", "parallel.pipeline_parallel=3", "parallel.zero_stage=1"], "must divide model.num_layers"),
+    (["parallel.virtual_pipeline_stages=2"], "needs parallel.regime=3d"),
+    (["parallel.regime=3d", "parallel.zero_stage=1", "parallel.pipeline_parallel=2",
+      "parallel.virtual_pipeline_stages=4"], "must divide by parallel.pipeline_parallel x"),
+    (["parallel.regime=3d", "parallel.zero_stage=1", "parallel.pipeline_parallel=2",
+      "parallel.virtual_pipeline_stages=2", "training.gradient_accumulation_steps=3"], "must be a multiple of it"),
 ])  # fmt: skip
 def test_validation_accepts_only_supported_layouts(overrides, message):
     from calm_dist.config.errors import ConfigError

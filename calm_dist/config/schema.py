@@ -109,6 +109,7 @@ class ParallelConfig:
     regime: Regime = "zero3"
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    virtual_pipeline_stages: int = 1  # model chunks per pipeline rank (interleaved 1F1B when > 1)
     zero_stage: int = 3  # the 3d regime takes 0 or 1
     sequence_parallel: bool = False  # 3d with TP > 1 and Transformer Engine (attention_backend te)
     activation_recompute: Recompute = "none"  # selective: core attention; full: whole layers

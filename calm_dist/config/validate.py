@@ -54,7 +54,7 @@ _POSITIVE = (
     "autoencoder.hidden_size", "autoencoder.rms_norm_eps", "autoencoder.init_std", "data.seq_length",
     "training.micro_batch_size", "training.save_interval", "training.eval_interval",
     "training.keep_last", "logging.log_interval", "parallel.tensor_parallel",
-    "parallel.pipeline_parallel", "optimizer.lr", "optimizer.eps",
+    "parallel.pipeline_parallel", "parallel.virtual_pipeline_stages", "optimizer.lr", "optimizer.eps",
 )
 _NON_NEGATIVE = (
     "model.num_query_groups", "model.num_mlp_layers", "autoencoder.vocab_size",
@@ -192,6 +192,14 @@ def _check_parallel(cfg: JobConfig, world_size: int, p: _Problems) -> None:
               f"({m.num_attention_heads}) and model.num_query_groups ({groups})")
     p.require(m.num_layers % pp == 0, f"parallel.pipeline_parallel ({pp}) must divide model.num_layers "
                                       f"({m.num_layers})")
+    vpp = par.virtual_pipeline_stages
+    if vpp > 1:
+        p.require(par.regime == "3d" and pp > 1, f"parallel.virtual_pipeline_stages ({vpp}) interleaves "
+                                                 "pipeline stages: it needs parallel.regime=3d and "
+                                                 "parallel.pipeline_parallel > 1")
+        p.require(m.num_layers % (pp * vpp) == 0, f"model.num_layers ({m.num_layers}) must divide by "
+                                                  f"parallel.pipeline_parallel x parallel.virtual_pipeline_stages "
+                                                  f"= {pp * vpp}")
     if world_size % (tp * pp):
         p.require(False, f"world size {world_size} must be divisible by parallel.tensor_parallel x "
                          f"parallel.pipeline_parallel = {tp * pp}")
@@ -208,6 +216,11 @@ def _check_parallel(cfg: JobConfig, world_size: int, p: _Problems) -> None:
                   f"training.gradient_accumulation_steps ({tr.gradient_accumulation_steps}) disagrees "
                   f"with training.global_batch_size ({tr.global_batch_size}) / (micro {tr.micro_batch_size}"
                   f" x dp {dp}) = {accum}; set one of them to 0 to derive it")
+    if vpp > 1:
+        accum = tr.global_batch_size // per_step if tr.global_batch_size else tr.gradient_accumulation_steps or 1
+        p.require(accum % pp == 0, f"the interleaved schedule runs micro-batches in groups of "
+                                   f"parallel.pipeline_parallel ({pp}): the {accum} micro-batches per step "
+                                   f"(gradient accumulation) must be a multiple of it")
 
 
 def _resolve_defaults(cfg: JobConfig) -> None:

@@ -150,8 +150,11 @@ def merged_model_parallel_weights(ref: CheckpointRef) -> dict[str, torch.Tensor]
     from calm_dist.parallel.sharding import merge_state_dicts
 
     check_shards(ref)
-    shards = {key: torch.load(path, map_location="cpu", weights_only=True)
-              for key, path in _model_parallel_files(ref).items()}
+    shards = {}
+    for (tp, pp), path in _model_parallel_files(ref).items():
+        chunks = torch.load(path, map_location="cpu", weights_only=True)  # {"chunk0": state dict, ...}
+        for vp in range(len(chunks)):
+            shards[(tp, pp, vp)] = chunks[f"chunk{vp}"]
     try:
         return merge_state_dicts(shards, num_layers=ref.meta()["config"]["model"]["num_layers"])
     except ValueError as err:

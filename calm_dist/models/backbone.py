@@ -39,6 +39,7 @@ class BackboneOptions:
     post_process: bool = True  # holds the last layers and the final norm
     recompute: Literal["none", "selective", "full"] = "none"  # activation recomputation
     sequence_parallel: bool = False  # activations between TP regions split along the sequence
+    vp_stage: Optional[int] = None  # which model chunk of its pipeline rank (interleaved schedule)
 
 
 def _num_query_groups(cfg: ModelConfig) -> int:
@@ -100,6 +101,7 @@ def transformer_config(
         fp16=params_dtype == torch.float16,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        virtual_pipeline_model_parallel_size=parallel_state.get_virtual_pipeline_model_parallel_world_size(),
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
@@ -176,6 +178,7 @@ class Backbone(torch.nn.Module):
             layer_spec(self.attention_backend),
             pre_process=options.pre_process,
             post_process=options.post_process,
+            vp_stage=options.vp_stage,
         )
         self.rotary = RotaryEmbedding(
             kv_channels=self.config.kv_channels,

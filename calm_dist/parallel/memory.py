@@ -16,7 +16,8 @@ x N x steps x hidden and the head's input side `HEAD_INPUT_BYTES` x N x steps x 
 samples are N copies). bf16 keeps about half. Full recomputation keeps one layer input (4 bytes
 x steps x hidden) per layer plus one layer's activations while it recomputes. Not counted: the
 energy loss's chunks, the frozen autoencoder's fp32 weights (last stage), temporary buffers and
-fragmentation (leave 10-20% headroom).
+fragmentation (leave 10-20% headroom); with virtual pipeline stages the interleaved schedule keeps
+somewhat more in flight than the PP micro-batches counted here.
 """
 
 from __future__ import annotations

@@ -35,17 +35,27 @@ _FIRST_STAGE_ONLY = {"CALM": ("embed_tokens", "compressor"), "TokenBaseline": ("
 _LAST_STAGE_ONLY = {"CALM": ("head", "autoencoder"), "TokenBaseline": ("lm_head",)}
 
 
-class PipelineStage(nn.Module):
-    """One rank's part of a model, in the form megatron's schedules drive: `config`,
-    `model_type`, `set_input_tensor`, and a forward that returns the activations to send (the
-    last stage: the model's output with its loss)."""
+def chunk_place(layout: ParallelLayout, vp_stage: int = 0) -> tuple[bool, bool]:
+    """(first, last): whether model chunk `vp_stage` of this rank starts or ends the whole model.
+    With virtual stages, rank p holds chunks p, P + p, 2P + p, ... of the P x V chunks."""
+    first = layout.first_stage and vp_stage == 0
+    last = layout.last_stage and vp_stage == layout.virtual_stages - 1
+    return first, last
 
-    def __init__(self, model: nn.Module, layout: ParallelLayout, steps_per_block: int, autocast_dtype=None):
+
+class PipelineStage(nn.Module):
+    """One model chunk on one rank, in the form megatron's schedules drive: `config`,
+    `model_type`, `vp_stage`, `set_input_tensor`, and a forward that returns the activations to
+    send (the last chunk of the model: the model's output with its loss)."""
+
+    def __init__(self, model: nn.Module, first: bool, last: bool, steps_per_block: int,
+                 vp_stage: int | None = None, autocast_dtype=None):
         super().__init__()
         from megatron.core.enums import ModelType
 
         self.model = model
-        self.layout = layout
+        self.first, self.last = first, last
+        self.vp_stage = vp_stage  # None without virtual stages (megatron checks it against its own)
         self.steps = steps_per_block
         self.config = model.backbone.config
         self.model_type = ModelType.encoder_or_decoder
@@ -61,24 +71,24 @@ class PipelineStage(nn.Module):
             precision = torch.autocast(tokens_BT.device.type, dtype=self.autocast_dtype)
         with precision:
             x_SBD = None
-            if self.layout.first_stage:
+            if self.first:
                 x_SBD = self.model.transformer_inputs(tokens_BT).transpose(0, 1).contiguous()
             h_SBD = self.model.backbone.forward_sequence_first(x_SBD, self.steps)
-            if not self.layout.last_stage:
+            if not self.last:
                 return h_SBD.to(self.config.pipeline_dtype)  # the receiver's buffer dtype
             return self.model.loss_from_hidden(h_SBD.transpose(0, 1), tokens_BT)
 
 
-def strip_to_stage(model: nn.Module, layout: ParallelLayout) -> nn.Module:
-    """Drop the submodules another stage owns (the backbone was built with only this stage's
+def strip_to_stage(model: nn.Module, first: bool, last: bool) -> nn.Module:
+    """Drop the submodules other chunks own (the backbone was built with only this chunk's
     layers already)."""
     name = type(model).__name__
     if name not in _FIRST_STAGE_ONLY:
         raise ValueError(f"{name} cannot be pipelined: only CALM and the token baseline can")
-    if not layout.first_stage:
+    if not first:
         for part in _FIRST_STAGE_ONLY[name]:
             setattr(model, part, None)
-    if not layout.last_stage:
+    if not last:
         for part in _LAST_STAGE_ONLY[name]:
             setattr(model, part, None)
     return model
@@ -95,19 +105,20 @@ def _loss_func(output, loss: torch.Tensor):
 
 
 def run_schedule(
-    stage: PipelineStage,
+    chunks: Sequence[PipelineStage],
     micro_batches: Sequence[torch.Tensor],
     forward_only: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """Forward (and backward) of every micro-batch through megatron's pipeline schedule (1F1B
-    with PP > 1, plain accumulation with PP = 1). The gradients of the micro-batches' mean loss
-    are left in `.grad`; the last stage returns one report per micro-batch, the others []."""
+    with PP > 1, interleaved 1F1B with virtual stages, plain accumulation with PP = 1). The
+    gradients of the micro-batches' mean loss are left in `.grad`; the rank holding the model's
+    last chunk returns one report per micro-batch, the others []."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     def forward_step(data_iterator: Iterator[torch.Tensor], model: PipelineStage):
         tokens = next(data_iterator)
         output = model(tokens)
-        if not model.layout.last_stage:
+        if not model.last:
             return output, None
         return output.loss, partial(_loss_func, output)
 
@@ -115,10 +126,10 @@ def run_schedule(
     return list(
         get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=iter(micro_batches),
-            model=[stage],
+            data_iterator=[iter(micro_batches) for _ in chunks],  # each chunk reads every micro-batch
+            model=list(chunks),
             num_microbatches=len(micro_batches),
-            seq_length=stage.steps,
+            seq_length=chunks[0].steps,
             micro_batch_size=micro_batch_size,
             forward_only=forward_only,
         )

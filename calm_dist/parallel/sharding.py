@@ -46,18 +46,23 @@ def tensor_parallel_rule(key: str) -> tuple[int, int] | None:
     return None
 
 
-def layers_per_stage(num_layers: int, pipeline_parallel: int) -> int:
-    if num_layers % pipeline_parallel:
-        raise ValueError(f"{num_layers} layers do not split evenly into {pipeline_parallel} pipeline stages")
-    return num_layers // pipeline_parallel
+def layer_offset(num_layers: int, pipeline_parallel: int, pp_rank: int, virtual_stages: int = 1,
+                 vp_stage: int = 0) -> int:
+    """The first global layer of a model chunk: `num_layers / (PP x V)` layers each, in megatron's
+    interleaved order (chunk v of every stage comes before chunk v + 1 of any)."""
+    chunks = pipeline_parallel * virtual_stages
+    if num_layers % chunks:
+        raise ValueError(f"{num_layers} layers do not split evenly into {pipeline_parallel} pipeline stages "
+                         f"x {virtual_stages} virtual stages")
+    return (vp_stage * pipeline_parallel + pp_rank) * (num_layers // chunks)
 
 
-def global_key(local_key: str, pp_rank: int, per_stage: int) -> str:
-    """A stage's key with its layer number made global (other keys unchanged)."""
+def global_key(local_key: str, offset: int) -> str:
+    """A chunk's key with its layer number made global (other keys unchanged)."""
     match = _LAYER.match(local_key)
     if not match:
         return local_key
-    return f"{match.group(1)}{int(match.group(2)) + pp_rank * per_stage}{match.group(3)}"
+    return f"{match.group(1)}{int(match.group(2)) + offset}{match.group(3)}"
 
 
 def tensor_shard(full: torch.Tensor, key: str, tp_rank: int, tensor_parallel: int) -> torch.Tensor:
@@ -87,19 +92,17 @@ def merge_tensor(shards: list[torch.Tensor], key: str) -> torch.Tensor:
 def shard_state_dict(
     full: Mapping[str, torch.Tensor],
     local_keys: list[str],
-    num_layers: int,
+    offset: int,
     tp_rank: int,
     tensor_parallel: int,
-    pp_rank: int,
-    pipeline_parallel: int,
 ) -> dict[str, torch.Tensor]:
-    """The state dict of one (tp_rank, pp_rank) module whose own keys are `local_keys`."""
-    per_stage = layers_per_stage(num_layers, pipeline_parallel)
+    """The state dict of one model chunk on one tensor rank, whose own keys are `local_keys` and
+    whose first layer is global layer `offset` (`layer_offset`)."""
     shard, missing = {}, []
     for key in local_keys:
         if key.endswith(_EXTRA_STATE):
             continue
-        source = global_key(key, pp_rank, per_stage)
+        source = global_key(key, offset)
         if source not in full:
             missing.append(source)
             continue
@@ -110,28 +113,29 @@ def shard_state_dict(
 
 
 def merge_state_dicts(
-    shards: Mapping[tuple[int, int], Mapping[str, torch.Tensor]], num_layers: int
+    shards: Mapping[tuple[int, int, int], Mapping[str, torch.Tensor]], num_layers: int
 ) -> dict[str, torch.Tensor]:
-    """One state dict from every (tp_rank, pp_rank) shard: layers renumbered, TP parts joined.
-    A weight held by several stages (none in our models) must agree, as replicas must."""
-    tensor_parallel = 1 + max(tp for tp, _ in shards)
-    pipeline_parallel = 1 + max(pp for _, pp in shards)
-    expected = {(tp, pp) for tp in range(tensor_parallel) for pp in range(pipeline_parallel)}
+    """One state dict from the shards of every (tp_rank, pp_rank, vp_stage): layers renumbered,
+    TP parts joined. A weight held by several chunks (none in our models) must agree."""
+    tensor_parallel, pipeline_parallel, virtual_stages = (1 + max(key[i] for key in shards) for i in range(3))
+    expected = {(tp, pp, vp) for tp in range(tensor_parallel) for pp in range(pipeline_parallel)
+                for vp in range(virtual_stages)}
     if set(shards) != expected:
-        raise ValueError(f"shards missing for (tp_rank, pp_rank) {sorted(expected - set(shards))}")
-    per_stage = layers_per_stage(num_layers, pipeline_parallel)
+        raise ValueError(f"shards missing for (tp_rank, pp_rank, vp_stage) {sorted(expected - set(shards))}")
     merged: dict[str, torch.Tensor] = {}
     for pp in range(pipeline_parallel):
-        keys = list(shards[(0, pp)])
-        for tp in range(1, tensor_parallel):
-            if list(shards[(tp, pp)]) != keys:
-                raise ValueError(f"stage {pp}: tensor ranks 0 and {tp} hold different weights")
-        for key in keys:
-            if key.endswith(_EXTRA_STATE):
-                continue
-            full = merge_tensor([shards[(tp, pp)][key] for tp in range(tensor_parallel)], key)
-            name = global_key(key, pp, per_stage)
-            if name in merged and not torch.equal(merged[name], full):
-                raise ValueError(f"{name}: held by several pipeline stages that disagree")
-            merged[name] = full
+        for vp in range(virtual_stages):
+            keys = list(shards[(0, pp, vp)])
+            for tp in range(1, tensor_parallel):
+                if list(shards[(tp, pp, vp)]) != keys:
+                    raise ValueError(f"stage {pp}, chunk {vp}: tensor ranks 0 and {tp} hold different weights")
+            offset = layer_offset(num_layers, pipeline_parallel, pp, virtual_stages, vp)
+            for key in keys:
+                if key.endswith(_EXTRA_STATE):
+                    continue
+                full = merge_tensor([shards[(tp, pp, vp)][key] for tp in range(tensor_parallel)], key)
+                name = global_key(key, offset)
+                if name in merged and not torch.equal(merged[name], full):
+                    raise ValueError(f"{name}: held by several pipeline chunks that disagree")
+                merged[name] = full
     return merged

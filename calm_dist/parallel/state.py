@@ -17,7 +17,8 @@ import torch.distributed as dist
 from calm_dist.compat.megatron_cpu import apply_cpu_compat
 
 
-def ensure_model_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234):
+def ensure_model_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234,
+                          virtual_pipeline: int = 1):
     """Make megatron layers buildable in this process; idempotent.
 
     - no `torch.distributed` group yet: start a single-process one (world size 1) on an
@@ -41,15 +42,17 @@ def ensure_model_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1, 
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_parallel,
             pipeline_model_parallel_size=pipeline_parallel,
+            virtual_pipeline_model_parallel_size=virtual_pipeline if virtual_pipeline > 1 else None,
         )
     sizes = (
         parallel_state.get_tensor_model_parallel_world_size(),
         parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
     )
-    if sizes != (tensor_parallel, pipeline_parallel):
+    if sizes != (tensor_parallel, pipeline_parallel, virtual_pipeline):
         raise ValueError(
-            f"megatron parallel state already initialised with (TP, PP) = {sizes}, "
-            f"not the requested {(tensor_parallel, pipeline_parallel)}"
+            f"megatron parallel state already initialised with (TP, PP, VPP) = {sizes}, "
+            f"not the requested {(tensor_parallel, pipeline_parallel, virtual_pipeline)}"
         )
 
     if not mcore_random.get_cuda_rng_tracker().get_states():
@@ -66,6 +69,7 @@ class ParallelLayout:
     tp_rank: int = 0
     pp_rank: int = 0
     dp_rank: int = 0
+    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule when > 1)
 
     @property
     def first_stage(self) -> bool:
@@ -87,6 +91,7 @@ def current_layout() -> ParallelLayout:
         tp_rank=ps.get_tensor_model_parallel_rank(),
         pp_rank=ps.get_pipeline_model_parallel_rank(),
         dp_rank=ps.get_data_parallel_rank(),
+        virtual_stages=ps.get_virtual_pipeline_model_parallel_world_size() or 1,
     )
 
 

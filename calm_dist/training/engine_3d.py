@@ -10,9 +10,11 @@ AdamW, sharded over the data-parallel group (torch's ZeroRedundancyOptimizer: Ze
 
 It offers what the trainer and the checkpoint manager use of a DeepSpeed engine: `module`,
 `save_checkpoint`, `load_checkpoint`, `checkpoint_engine`, `get_lr`, `get_global_grad_norm`.
-Checkpoint files, in the checkpoint manager's `global_stepN/`:
+With `parallel.virtual_pipeline_stages` V > 1 a rank holds V model chunks and megatron's
+interleaved schedule runs them. Checkpoint files, in the checkpoint manager's `global_stepN/`:
 
-    mp_rank_{tp:02d}_{pp:03d}_model_states.pt      weights of one (tensor, pipeline) rank
+    mp_rank_{tp:02d}_{pp:03d}_model_states.pt      weights of one (tensor, pipeline) rank:
+                                                   {"chunk0": state dict, "chunk1": ...}
     optim_tp{tp:02d}_pp{pp:03d}_dp{dp:03d}.pt      that rank's optimizer shard and LR schedule
 """
 
@@ -51,11 +53,13 @@ class _SynchronousCheckpoints:
 
 
 class ModelParallelEngine:
-    def __init__(self, stage: PipelineStage, cfg: JobConfig, layout: ParallelLayout):
+    def __init__(self, chunks: list[PipelineStage], cfg: JobConfig, layout: ParallelLayout):
         from megatron.core import parallel_state as ps
 
-        self.stage, self.cfg, self.layout = stage, cfg, layout
-        self.module = stage.model
+        self.chunks, self.cfg, self.layout = chunks, cfg, layout
+        self.kind = type(chunks[0].model).__name__
+        # What the trainer reads as "the model": the chunk's model, or all of them in order.
+        self.module = chunks[0].model if len(chunks) == 1 else torch.nn.ModuleList(c.model for c in chunks)
         self.checkpoint_engine = _SynchronousCheckpoints()
         self.dp_group = ps.get_data_parallel_group()
         self.tp_group = ps.get_tensor_model_parallel_group()
@@ -77,18 +81,19 @@ class ModelParallelEngine:
             name = "torch AdamW (not sharded)"
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.grad_norm: float | None = None
-        logger.info("3d engine: TP=%d PP=%d DP=%d, optimizer %s", layout.tensor_parallel,
-                    layout.pipeline_parallel, layout.data_parallel, name)
+        logger.info("3d engine: TP=%d PP=%d (x %d virtual) DP=%d, optimizer %s", layout.tensor_parallel,
+                    layout.pipeline_parallel, layout.virtual_stages, layout.data_parallel, name)
 
     # -- one optimizer step ------------------------------------------------------------------
     def train_batch(self, micro_batches: list[torch.Tensor]) -> dict[str, float] | None:
         """Forward, backward and (unless a loss is non-finite) an optimizer step over the
         micro-batches of one step. Returns the mean reports, or None when the step was skipped
         on every rank for a non-finite loss (no weight changed)."""
-        self.stage.train()
+        for chunk in self.chunks:
+            chunk.train()
         for param in self.params:
             param.grad = None
-        reports = run_schedule(self.stage, micro_batches)
+        reports = run_schedule(self.chunks, micro_batches)
         summary = self._summarise(reports, len(micro_batches))
         if not bool(torch.isfinite(summary).all()):
             for param in self.params:
@@ -104,7 +109,7 @@ class ModelParallelEngine:
     def _summarise(self, reports: list[dict], count: int) -> torch.Tensor:
         """Mean loss (and CALM's fidelity, diversity) over the micro-batches of every replica, on
         every rank; NaN everywhere if any replica saw a non-finite loss (the sum spreads it)."""
-        width = 3 if type(self.module).__name__ == "CALM" else 1
+        width = 3 if self.kind == "CALM" else 1
         names = ["loss", "fidelity", "diversity"][:width]
         values = torch.zeros(width, dtype=torch.float64, device=self.device)
         if self.layout.last_stage:
@@ -135,7 +140,8 @@ class ModelParallelEngine:
     def _clip_grads(self, max_norm: float) -> float:
         """The global gradient norm (whole model, counted once) and clipping to max_norm."""
         square = torch.zeros(1, dtype=torch.float64, device=self.device)
-        for name, param in self.module.named_parameters():
+        named = [item for chunk in self.chunks for item in chunk.model.named_parameters()]
+        for name, param in named:
             if param.grad is None:
                 continue
             sharded = tensor_parallel_rule(name) is not None
@@ -154,11 +160,13 @@ class ModelParallelEngine:
     @torch.no_grad()
     def evaluate_loss(self, micro_batches: list[torch.Tensor]) -> float:
         """Mean loss of the micro-batches (forward only), on every rank of the replica."""
-        self.stage.eval()
+        for chunk in self.chunks:
+            chunk.eval()
         try:
-            reports = run_schedule(self.stage, micro_batches, forward_only=True)
+            reports = run_schedule(self.chunks, micro_batches, forward_only=True)
         finally:
-            self.stage.train()
+            for chunk in self.chunks:
+                chunk.train()
         value = torch.zeros(1, dtype=torch.float64, device=self.device)
         if self.layout.last_stage:
             value[0] = sum(float(r["loss"]) for r in reports) / len(micro_batches)
@@ -180,7 +188,8 @@ class ModelParallelEngine:
         path = Path(save_dir) / tag
         path.mkdir(parents=True, exist_ok=True)
         if self.layout.dp_rank == 0:  # the replicas hold identical weights
-            torch.save(self.module.state_dict(), path / model_file(self.layout))
+            weights = {f"chunk{i}": chunk.model.state_dict() for i, chunk in enumerate(self.chunks)}
+            torch.save(weights, path / model_file(self.layout))
         torch.save({"optimizer": self._optimizer_state(), "lr_scheduler": self.scheduler.state_dict(),
                     "client_state": client_state or {}}, path / optim_file(self.layout))
 
@@ -188,7 +197,10 @@ class ModelParallelEngine:
                         load_lr_scheduler_states: bool = True):
         path = Path(load_dir) / tag
         weights = _load(path / model_file(self.layout))
-        self.module.load_state_dict(weights, strict=True)
+        if len(weights) != len(self.chunks):
+            raise ValueError(f"{path} holds {len(weights)} model chunks per rank, this run {len(self.chunks)}")
+        for i, chunk in enumerate(self.chunks):
+            chunk.model.load_state_dict(weights[f"chunk{i}"], strict=True)
         state = _load(path / optim_file(self.layout))
         if load_optimizer_states:
             getattr(self.optimizer, "optim", self.optimizer).load_state_dict(state["optimizer"])
@@ -221,10 +233,11 @@ def _load(path: Path) -> dict:
 
 
 def build_3d_engine(cfg: JobConfig, layout: ParallelLayout, device: torch.device) -> ModelParallelEngine:
-    """This rank's pipeline stage of the configured model (its layers and tensor shards only),
+    """This rank's model chunks of the configured model (its layers and tensor shards only),
     started from training.init_weights when given, on `device`, in an engine."""
     from calm_dist.models.backbone import BackboneOptions
-    from calm_dist.parallel.pipeline import strip_to_stage
+    from calm_dist.parallel.pipeline import chunk_place, strip_to_stage
+    from calm_dist.parallel.sharding import layer_offset
     from calm_dist.parallel.vocab_parallel import parallelize_output
     from calm_dist.training.initial_weights import load_initial_weights
     from calm_dist.training.stages import build_model
@@ -234,15 +247,24 @@ def build_3d_engine(cfg: JobConfig, layout: ParallelLayout, device: torch.device
             "training.precision=bf16 in the 3d regime computes under CUDA autocast (megatron's "
             "tensor-parallel layers cast their backward only there): on a CPU use training.precision=fp32"
         )
-    options = BackboneOptions(
-        pre_process=layout.first_stage,
-        post_process=layout.last_stage,
-        recompute=cfg.parallel.activation_recompute,
-        sequence_parallel=cfg.parallel.sequence_parallel,
-    )
-    model = parallelize_output(strip_to_stage(build_model(cfg, backbone_options=options), layout), layout)
-    if cfg.training.init_weights:
-        load_initial_weights(model, cfg.training.init_weights, cfg.model.num_layers, layout)
-    autocast = torch.bfloat16 if cfg.training.precision == "bf16" else None
-    stage = PipelineStage(model.to(device), layout, cfg.derived.steps_per_block, autocast_dtype=autocast)
-    return ModelParallelEngine(stage, cfg, layout)
+    virtual = layout.virtual_stages
+    chunks = []
+    for vp_stage in range(virtual):
+        first, last = chunk_place(layout, vp_stage)
+        options = BackboneOptions(
+            pre_process=first,
+            post_process=last,
+            recompute=cfg.parallel.activation_recompute,
+            sequence_parallel=cfg.parallel.sequence_parallel,
+            vp_stage=vp_stage if virtual > 1 else None,
+        )
+        model = strip_to_stage(build_model(cfg, backbone_options=options), first, last)
+        if last:
+            model = parallelize_output(model, layout)
+        if cfg.training.init_weights:
+            offset = layer_offset(cfg.model.num_layers, layout.pipeline_parallel, layout.pp_rank, virtual, vp_stage)
+            load_initial_weights(model, cfg.training.init_weights, offset, layout.tp_rank, layout.tensor_parallel)
+        autocast = torch.bfloat16 if cfg.training.precision == "bf16" else None
+        chunks.append(PipelineStage(model.to(device), first, last, cfg.derived.steps_per_block,
+                                    vp_stage=vp_stage if virtual > 1 else None, autocast_dtype=autocast))
+    return ModelParallelEngine(chunks, cfg, layout)

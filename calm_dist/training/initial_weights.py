@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from calm_dist.parallel.sharding import shard_state_dict
-from calm_dist.parallel.state import ParallelLayout
 
 _SKIPPED_PREFIX = "autoencoder."
 
@@ -32,15 +31,16 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in load_file(str(file)).items() if not k.startswith(_SKIPPED_PREFIX)}
 
 
-def load_initial_weights(model: nn.Module, path: str | Path, num_layers: int, layout: ParallelLayout) -> int:
-    """Copy this rank's part of the weights at `path` into `model`; returns how many tensors.
-    Every trainable weight of the model must be found, with its shape."""
+def load_initial_weights(model: nn.Module, path: str | Path, layer_offset: int = 0, tp_rank: int = 0,
+                         tensor_parallel: int = 1) -> int:
+    """Copy this rank's part of the weights at `path` into `model` (a whole model, or a pipeline
+    chunk whose first layer is global layer `layer_offset`); returns how many tensors. Every
+    weight of the model must be found, with its shape."""
     full = read_weights(path)
     own = model.state_dict()
     keys = [k for k in own if not k.startswith(_SKIPPED_PREFIX)]
     try:
-        shard = shard_state_dict(full, keys, num_layers, layout.tp_rank, layout.tensor_parallel,
-                                 layout.pp_rank, layout.pipeline_parallel)
+        shard = shard_state_dict(full, keys, layer_offset, tp_rank, tensor_parallel)
     except KeyError as err:
         raise ValueError(f"training.init_weights {path}: not weights of this model ({err.args[0]})") from None
     wrong = [f"{k}: {tuple(v.shape)} vs the model's {tuple(own[k].shape)}" for k, v in shard.items()

@@ -113,7 +113,7 @@ class Trainer:
         from calm_dist.parallel.state import current_layout, ensure_model_parallel
 
         par = cfg.parallel
-        ensure_model_parallel(par.tensor_parallel, par.pipeline_parallel, seed=cfg.training.seed)
+        ensure_model_parallel(par.tensor_parallel, par.pipeline_parallel, cfg.training.seed, par.virtual_pipeline_stages)
         # Data and evaluation blocks are split over the data-parallel replicas: the tensor ranks
         # and pipeline stages of one replica read the same batches (zero3: every rank is a replica).
         self.layout = layout = current_layout()
@@ -154,7 +154,7 @@ class Trainer:
             if cfg.training.init_weights:
                 from calm_dist.training.initial_weights import load_initial_weights
 
-                load_initial_weights(model, cfg.training.init_weights, cfg.model.num_layers, layout)
+                load_initial_weights(model, cfg.training.init_weights)
             self.ds_config = build_ds_config(cfg, on_cuda=info.device.type == "cuda")
             self.engine = create_engine(model, cfg, self.ds_config)
         # From here on every replica draws its own noise (head samples, targets, dropout).

@@ -5,7 +5,7 @@
 SPEC: {"preset", "overrides" (dotted), "tokens" (a .pt tensor [steps, dp, accum, micro, T]),
 "out"}. The engine is the trainer's own (`build_3d_engine`, started from training.init_weights).
 Each rank writes out/rank_R.pt: its layout, the step reports, its gradients after the first step
-(keyed like its weights) and the energy head's first noise draw (last stage, CALM). Rank 0 then
+(per model chunk, keyed like the chunk's weights) and the energy head's first noise draw (last stage, CALM). Rank 0 then
 writes a real checkpoint into out/checkpoints through the checkpoint manager.
 """
 
@@ -32,14 +32,14 @@ def main(spec_path: str) -> None:
     info = init_distributed("cpu")
     cfg = validate(load_config(spec["preset"], spec["overrides"]), world_size=info.world_size)
     par = cfg.parallel
-    ensure_model_parallel(par.tensor_parallel, par.pipeline_parallel, seed=cfg.training.seed)
+    ensure_model_parallel(par.tensor_parallel, par.pipeline_parallel, cfg.training.seed, par.virtual_pipeline_stages)
     layout = current_layout()
     seed_model_building(cfg.training.seed, layout)
     engine = build_3d_engine(cfg, layout, info.device)
     seed_training(cfg.training.seed, layout)
 
     noise = []
-    head = getattr(engine.module, "head", None)
+    head = getattr(engine.chunks[-1].model, "head", None)
     if head is not None:
         head.register_forward_pre_hook(lambda module, args: noise.append(args[1].detach().clone()))
 
@@ -48,7 +48,8 @@ def main(spec_path: str) -> None:
     for step in range(tokens.shape[0]):
         reports.append(engine.train_batch(list(tokens[step])))
         if step == 0:
-            first_grads = {name: p.grad.clone() for name, p in engine.module.named_parameters() if p.grad is not None}
+            first_grads = {f"chunk{i}": {name: p.grad.clone() for name, p in chunk.model.named_parameters()
+                                         if p.grad is not None} for i, chunk in enumerate(engine.chunks)}
     torch.save({"layout": asdict(layout), "reports": reports, "grads": first_grads,
                 "grad_norm": engine.get_global_grad_norm(), "noise": noise[0] if noise else None},
                out / f"rank_{info.rank}.pt")
