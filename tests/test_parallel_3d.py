@@ -174,6 +174,11 @@ def test_tp2_dp2_calm_matches_one_process_and_draws_noise_per_replica(tmp_path, 
     assert torch.equal(noise[(0, 0)], noise[(0, 1)]) and torch.equal(noise[(1, 0)], noise[(1, 1)])
     assert not torch.allclose(noise[(0, 0)], noise[(1, 0)])
     assert noise[(0, 0)].abs().max() <= 0.5 and noise[(0, 0)].std() > 0.2  # U[-0.5, 0.5], not constant
+    # Dropout streams: outside split layers like the noise; inside them (tracker) every rank its own.
+    default = {(r["layout"]["dp_rank"], r["layout"]["tp_rank"]): r["default_draw"] for r in ranks}
+    tracker = [r["tracker_draw"] for r in ranks]
+    assert torch.equal(default[(0, 0)], default[(0, 1)]) and not torch.equal(default[(0, 0)], default[(1, 0)])
+    assert all(not torch.equal(a, b) for i, a in enumerate(tracker) for b in tracker[i + 1:])
 
 
 def test_tp2_pp2_baseline_with_a_vocabulary_parallel_output_matches_one_process(tmp_path, seed_files):

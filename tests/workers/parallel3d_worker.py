@@ -50,8 +50,16 @@ def main(spec_path: str) -> None:
         if step == 0:
             first_grads = {f"chunk{i}": {name: p.grad.clone() for name, p in chunk.model.named_parameters()
                                          if p.grad is not None} for i, chunk in enumerate(engine.chunks)}
+    # After training: the next draws of the default generator (hidden dropout, head noise) and of
+    # megatron's tensor-parallel tracker (dropout inside split layers).
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    default_draw = torch.rand(8)
+    with get_cuda_rng_tracker().fork():
+        tracker_draw = torch.rand(8)
     torch.save({"layout": asdict(layout), "reports": reports, "grads": first_grads,
-                "grad_norm": engine.get_global_grad_norm(), "noise": noise[0] if noise else None},
+                "grad_norm": engine.get_global_grad_norm(), "noise": noise[0] if noise else None,
+                "default_draw": default_draw, "tracker_draw": tracker_draw},
                out / f"rank_{info.rank}.pt")
 
     state = TrainState(step=tokens.shape[0])
