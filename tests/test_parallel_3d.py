@@ -358,3 +358,23 @@ def test_gradient_buckets_keep_order_and_bound_their_size():
     groups = _buckets(tensors, max_elements=6)
     assert [[t.numel() for t in g] for g in groups] == [[3], [4], [10], [1, 2, 2]]
     assert [t for g in groups for t in g] == tensors
+
+
+def test_a_non_finite_gradient_skips_the_step_without_touching_the_weights(seed_files):
+    """One process, TP = PP = 1: an infinite gradient (finite loss) is never applied."""
+    from calm_dist.parallel.state import current_layout, seed_model_building
+    from calm_dist.training.engine_3d import build_3d_engine
+
+    ensure_model_parallel()
+    cfg = _config("tiny_baseline", SHAPE + ["parallel.regime=3d", "parallel.zero_stage=0"])
+    seed_model_building(cfg.training.seed, current_layout())
+    engine = build_3d_engine(cfg, current_layout(), torch.device("cpu"))
+    tokens = torch.randint(1, 90, (2, cfg.derived.block_tokens))
+    assert engine.train_batch([tokens]) is not None  # a normal step
+    before = {k: v.clone() for k, v in engine.module.state_dict().items() if isinstance(v, torch.Tensor)}
+    handle = engine.module.lm_head.weight.register_hook(lambda grad: grad * float("inf"))
+    assert engine.train_batch([tokens]) is None
+    handle.remove()
+    after = engine.module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert engine.train_batch([tokens]) is not None  # and training goes on

@@ -21,6 +21,7 @@ interleaved schedule runs them. Checkpoint files, in the checkpoint manager's `g
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -86,9 +87,9 @@ class ModelParallelEngine:
 
     # -- one optimizer step ------------------------------------------------------------------
     def train_batch(self, micro_batches: list[torch.Tensor]) -> dict[str, float] | None:
-        """Forward, backward and (unless a loss is non-finite) an optimizer step over the
-        micro-batches of one step. Returns the mean reports, or None when the step was skipped
-        on every rank for a non-finite loss (no weight changed)."""
+        """Forward, backward and (unless a loss or the gradient norm is non-finite) an optimizer
+        step over the micro-batches of one step. Returns the mean reports, or None when the step
+        was skipped on every rank (no weight changed)."""
         for chunk in self.chunks:
             chunk.train()
         for param in self.params:
@@ -101,6 +102,10 @@ class ModelParallelEngine:
             return None
         self._average_data_parallel_grads()
         self.grad_norm = self._clip_grads(self.cfg.optimizer.grad_clip)
+        if not math.isfinite(self.grad_norm):  # the same on every rank: the norm is global
+            for param in self.params:
+                param.grad = None
+            return None
         self.optimizer.step()
         self.scheduler.step()
         names = ["loss", "fidelity", "diversity"][: summary.numel()]
@@ -149,7 +154,7 @@ class ModelParallelEngine:
                 square += param.grad.detach().double().pow(2).sum()
         dist.all_reduce(square, group=self.model_parallel_group)
         norm = float(square.sqrt())
-        if max_norm > 0 and norm > max_norm:
+        if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
             scale = max_norm / (norm + 1e-6)
             for param in self.params:
                 if param.grad is not None:
