@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from calm_dist.environment import log_backend_report
     from calm_dist.parallel.launch import init_distributed
+    from calm_dist.training.run_lock import RunLock
     from calm_dist.training.trainer import Trainer, TrainingStopped
 
     rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
@@ -71,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     if info.rank == 0:
         log_backend_report()
     try:
-        trainer = Trainer(cfg, info, start_time=start_time)
-        trainer.fit()
+        with RunLock(cfg.training.output_dir, info.rank):
+            Trainer(cfg, info, start_time=start_time).fit()
     except TrainingStopped as err:
         logging.getLogger("calm_dist.train").error("%s", err)
         return 1
