@@ -10,12 +10,14 @@ Placement, per stage of `pipeline_parallel`:
   (S, B, D) states forward and of their gradient back. The autoencoder's encoder is small (a few
   percent of a CALM-M step's FLOPs) and frozen, so keeping it off the other stages costs nothing.
 
-Within a stage the head, embeddings and compressor are replicated over the tensor ranks: they
-compute one model replica's activations from identical inputs and identical noise (the default
-generator is seeded per replica), so every tensor rank holds the same values and gradients, and the
-noise needs no communication. A tensor-parallel head would split its D x D matrices but add an
-all-reduce of N x P x D activations per block; the head is about 10% of CALM-XL's trainable
-parameters, so it stays replicated (not measured against the alternative yet).
+Within a stage CALM's energy head, the embeddings and the compressor are replicated over the tensor
+ranks: they compute one model replica's activations from identical inputs and identical noise (the
+default generator is seeded per replica), so every tensor rank holds the same values and gradients,
+and the noise needs no communication. A tensor-parallel head would split its D x D matrices but add
+an all-reduce of N x P x D activations per block; the head is about 9% of CALM-XL's trainable
+parameters, so it stays replicated (not measured against the alternative yet). The baseline's
+output layer, whose B x T x V logits dominate a token model, is split by vocabulary instead
+(`calm_dist.parallel.vocab_parallel`).
 """
 
 from __future__ import annotations
