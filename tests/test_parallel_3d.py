@@ -182,13 +182,15 @@ def test_tp2_dp2_calm_matches_one_process_and_draws_noise_per_replica(tmp_path, 
 
 
 def test_tp2_pp2_baseline_with_a_vocabulary_parallel_output_matches_one_process(tmp_path, seed_files):
-    """The token baseline through TP=2 x PP=2: its output layer split by vocabulary over the
-    tensor ranks, unevenly (97 = 49 + 48 rows), with the vocabulary-parallel cross-entropy."""
+    """The token baseline through TP=2 x PP=2: its input embedding and output layer split by
+    vocabulary over the tensor ranks, unevenly (97 = 49 + 48 rows), with the vocabulary-parallel
+    cross-entropy."""
     cfg, ranks, reference = _run(tmp_path, seed_files, "tiny_baseline", tp=2, pp=2, dp=1, accum=2,
                                  extra=["parallel.zero_stage=0"])
-    shapes = {(r["layout"]["tp_rank"], r["layout"]["pp_rank"]): tuple(r["grads"]["chunk0"]["lm_head.weight"].shape)
-              for r in ranks if "lm_head.weight" in r["grads"]["chunk0"]}
-    assert shapes == {(0, 1): (49, 64), (1, 1): (48, 64)}
+    for table, stage in (("lm_head.weight", 1), ("embed_tokens.weight", 0)):
+        shapes = {(r["layout"]["tp_rank"], r["layout"]["pp_rank"]): tuple(r["grads"]["chunk0"][table].shape)
+                  for r in ranks if table in r["grads"]["chunk0"]}
+        assert shapes == {(0, stage): (49, 64), (1, stage): (48, 64)}, table
     _assert_matches(cfg, ranks, reference, tmp_path)
 
 
@@ -332,12 +334,12 @@ def test_memory_estimate_uses_the_activations_our_layers_keep():
     assert two - one == pytest.approx(memory.HEAD_BLOCK_BYTES, rel=0.1)
     assert 2 * one - two == pytest.approx(memory.HEAD_INPUT_BYTES, rel=0.1)
 
-    # CALM-XL on 8 ranks, TP = 2: 1,197M parameters per GPU (the replicated embedding, compressor
-    # and head, half of the backbone) at 4 + 4 bytes plus Adam's 8 over 4 replicas
+    # CALM-XL on 8 ranks, TP = 2: 1,033M parameters per GPU (half the embedding and backbone, the
+    # replicated compressor and head) at 4 + 4 bytes plus Adam's 8 over 4 replicas
     xl = validate(load_config("calm_xl", ["parallel.regime=3d", "parallel.tensor_parallel=2",
                                           "parallel.zero_stage=1"]), world_size=8)
     est = memory.estimate_memory(xl)
-    assert est.params_per_gpu / 1e6 == pytest.approx(1197, abs=1)
+    assert est.params_per_gpu / 1e6 == pytest.approx(1033, abs=1)
     assert est.states_gb == pytest.approx(est.params_per_gpu * 10 / 1e9)
 
 

@@ -5,8 +5,8 @@ Model states, bytes per trainable parameter:
   partitioned over every rank;
 - 3d: fp32 weights 4 + grads 4 on the ranks holding the parameter (a stage's layers are split over
   its TP ranks; its embeddings, compressor and head are replicated over them), Adam's 8 divided
-  over the data-parallel replicas by ZeRO-1 (not divided with zero_stage 0). The baseline's output
-  layer is split over TP by vocabulary (calm_dist.parallel.vocab_parallel).
+  over the data-parallel replicas by ZeRO-1 (not divided with zero_stage 0). The input embedding
+  and the baseline's output layer are split over TP by vocabulary (calm_dist.parallel.vocab_parallel).
 
 Activations kept for the backward pass, per sequence, from the saved tensors of our own layers
 (fp32, measured on a 1-layer model with the paper's FFN ratio; tests/test_parallel_3d.py
@@ -56,11 +56,12 @@ def _stage_params(cfg: JobConfig) -> tuple[float, float]:
     # a stage's share of the layers (the final norm's d weights are negligible), split over TP
     layers = (backbone_param_count(m) - d) / par.pipeline_parallel / par.tensor_parallel
     embed = m.vocab_size * d
+    embed /= par.tensor_parallel  # split by vocabulary (calm_dist.parallel.vocab_parallel)
     if cfg.training.stage == "calm":
         first = embed + compressor_param_count(d, m.patch_size)
         last = energy_head_param_count(d, m.latent_size, m.noise_size, head_blocks(m)) + d
     else:
-        first, last = embed, embed / par.tensor_parallel + d  # the output layer is split by vocabulary
+        first, last = embed, embed + d  # the untied output layer, split by vocabulary too
     if par.pipeline_parallel == 1:
         return first + last + layers, first + last + layers
     return first + layers, last + layers

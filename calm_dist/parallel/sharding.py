@@ -11,8 +11,9 @@ megatron's layouts (megatron-core 0.16, local and TE specs):
 - `linear_fc1.weight`: column-parallel SwiGLU [gate; up] with stride 2: each rank holds
   [its gate rows; its up rows];
 - `linear_proj.weight`, `linear_fc2.weight`: row-parallel, split along dim 1;
-- the baseline's `lm_head.weight`: split by vocabulary rows, `torch.chunk` sizes (the last rank
-  fewer when TP does not divide V; `calm_dist.parallel.vocab_parallel`);
+- the input `embed_tokens.weight` and the baseline's `lm_head.weight`: split by vocabulary rows,
+  `torch.chunk` sizes (the last rank fewer when TP does not divide V;
+  `calm_dist.parallel.vocab_parallel`);
 - everything else (norms, embeddings, compressor, energy head, autoencoder) is replicated;
 - `._extra_state` entries (megatron's linear layers keep None there) are not weights: skipped.
 """
@@ -32,13 +33,13 @@ _TENSOR_PARALLEL = (
     ("self_attention.linear_proj.weight", 1, 1),
     ("mlp.linear_fc2.weight", 1, 1),
 )
-_VOCAB_PARALLEL = "lm_head.weight"  # the baseline's output layer (top level only)
+_VOCAB_PARALLEL = ("embed_tokens.weight", "lm_head.weight")  # top level only (not the autoencoder's)
 _EXTRA_STATE = "._extra_state"
 
 
 def tensor_parallel_rule(key: str) -> tuple[int, int] | None:
     """(dimension, stride) of a tensor-parallel weight; None for a replicated one."""
-    if key == _VOCAB_PARALLEL:
+    if key in _VOCAB_PARALLEL:
         return 0, 1
     for suffix, dim, stride in _TENSOR_PARALLEL:
         if key.endswith(suffix):

@@ -243,7 +243,7 @@ def build_3d_engine(cfg: JobConfig, layout: ParallelLayout, device: torch.device
     from calm_dist.models.backbone import BackboneOptions
     from calm_dist.parallel.pipeline import chunk_place, strip_to_stage
     from calm_dist.parallel.sharding import layer_offset
-    from calm_dist.parallel.vocab_parallel import parallelize_output
+    from calm_dist.parallel.vocab_parallel import parallelize_vocabulary
     from calm_dist.training.initial_weights import load_initial_weights
     from calm_dist.training.stages import build_model
 
@@ -264,8 +264,7 @@ def build_3d_engine(cfg: JobConfig, layout: ParallelLayout, device: torch.device
             vp_stage=vp_stage if virtual > 1 else None,
         )
         model = strip_to_stage(build_model(cfg, backbone_options=options), first, last)
-        if last:
-            model = parallelize_output(model, layout)
+        model = parallelize_vocabulary(model, layout, first, last)
         if cfg.training.init_weights:
             offset = layer_offset(cfg.model.num_layers, layout.pipeline_parallel, layout.pp_rank, virtual, vp_stage)
             load_initial_weights(model, cfg.training.init_weights, offset, layout.tp_rank, layout.tensor_parallel)
