@@ -18,6 +18,8 @@ import subprocess
 from pathlib import Path
 from typing import Any, Optional
 
+from calm_dist.training.run_lock import pid_alive
+
 JOB_FILE = "job.json"
 _SLURM_RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT"}
 _SLURM_WAITING = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED"}
@@ -80,16 +82,6 @@ def squeue_states(job_ids: list[str]) -> Optional[dict[str, str]]:
     return states
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def point_state(point: dict[str, Any], point_dir: Path, slurm: Optional[dict[str, str]]) -> tuple[str, int]:
     """(state, step) of one point; `slurm` from squeue_states (None: unknown)."""
     step = max(checkpoint_step(point_dir), metrics_step(point_dir))
@@ -103,7 +95,7 @@ def point_state(point: dict[str, Any], point_dir: Path, slurm: Optional[dict[str
     if job["mode"] == "local":
         if job.get("host") != socket.gethostname():
             return "submitted", step  # cannot look at another host's processes
-        return ("running" if job.get("pid") and _pid_alive(job["pid"]) else "failed"), step
+        return ("running" if job.get("pid") and pid_alive(job["pid"]) else "failed"), step
     if slurm is None:
         return "submitted", step
     state = slurm.get(job["job_id"])

@@ -58,7 +58,8 @@ class ModelParallelEngine:
         from megatron.core import parallel_state as ps
 
         self.chunks, self.cfg, self.layout = chunks, cfg, layout
-        self.kind = type(chunks[0].model).__name__
+        calm = type(chunks[0].model).__name__ == "CALM"
+        self.report_names = ("loss", "fidelity", "diversity") if calm else ("loss",)
         # What the trainer reads as "the model": the chunk's model, or all of them in order.
         self.module = chunks[0].model if len(chunks) == 1 else torch.nn.ModuleList(c.model for c in chunks)
         self.checkpoint_engine = _SynchronousCheckpoints()
@@ -108,17 +109,14 @@ class ModelParallelEngine:
             return None
         self.optimizer.step()
         self.scheduler.step()
-        names = ["loss", "fidelity", "diversity"][: summary.numel()]
-        return dict(zip(names, summary.tolist()))
+        return dict(zip(self.report_names, summary.tolist()))
 
     def _summarise(self, reports: list[dict], count: int) -> torch.Tensor:
         """Mean loss (and CALM's fidelity, diversity) over the micro-batches of every replica, on
         every rank; NaN everywhere if any replica saw a non-finite loss (the sum spreads it)."""
-        width = 3 if self.kind == "CALM" else 1
-        names = ["loss", "fidelity", "diversity"][:width]
-        values = torch.zeros(width, dtype=torch.float64, device=self.device)
+        values = torch.zeros(len(self.report_names), dtype=torch.float64, device=self.device)
         if self.layout.last_stage:
-            values = torch.tensor([sum(float(r[n]) for r in reports) / count for n in names],
+            values = torch.tensor([sum(float(r[n]) for r in reports) / count for n in self.report_names],
                                   dtype=torch.float64, device=self.device)
         values = broadcast_from_last_stage(values, self.layout)
         if self.layout.data_parallel > 1:

@@ -28,7 +28,8 @@ def _identity() -> dict:
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -41,7 +42,7 @@ def _pid_alive(pid: int) -> bool:
 def _stale(holder: dict, me: dict) -> bool:
     if holder.get("slurm_job") and holder.get("slurm_job") == me["slurm_job"]:
         return True
-    return holder.get("host") == me["host"] and not _pid_alive(int(holder.get("pid", -1)))
+    return holder.get("host") == me["host"] and not pid_alive(int(holder.get("pid", -1)))
 
 
 class RunLock:
