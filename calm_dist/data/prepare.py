@@ -2,6 +2,7 @@
 
     calm-prepare-data data/sotu --bundled --vocab-size 4096         # the quickstart corpus
     calm-prepare-data data/mine --input texts/ --tokenizer gpt2    # your own .txt/.md/.jsonl files
+    calm-prepare-data data/markov --synthetic markov                # a known law: does a setup learn?
 
 Output: OUT/train/ and OUT/valid/ (shards + index.json each) and, for a trained tokenizer,
 OUT/tokenizer.json. Validation holds out every n-th document whole (--valid-every) or comes from
@@ -22,6 +23,7 @@ from calm_dist.data.atomic import PARTIAL_SUFFIX
 from calm_dist.data.corpus import Document, bundled_documents, is_held_out, iter_documents
 from calm_dist.data.index import INDEX_NAME, ShardIndex, load_index
 from calm_dist.data.shards import ShardWriter, clear_shard_directory, same_preparation, token_dtype
+from calm_dist.data.synthetic import DEFAULT_DOC_TOKENS, DEFAULT_Q, DEFAULT_TRAIN_TOKENS, DEFAULT_VOCAB, SOURCES
 from calm_dist.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
 
 log = logging.getLogger(__name__)
@@ -212,13 +214,17 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--input", nargs="+", metavar="PATH",
                       help="text/markdown files (one document each), .jsonl files (one per line), or "
                            "directories of them; .gz works too")
+    what.add_argument("--synthetic", choices=SOURCES,
+                      help="documents from a Markov chain with a known law, its own tokenizer and the "
+                           "closed-form optimal Brier in synthetic.json (docs/data.md)")
     p.add_argument("--valid-input", nargs="+", metavar="PATH", help="validation documents (else --valid-every)")
     p.add_argument("--valid-every", type=int, default=None,
                    help="hold out every N-th document whole for validation (default 10; 0: no validation)")
     tok = p.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", help="'gpt2', a tokenizer.json, or a directory with one (default: gpt2 "
                                          "for --input; a trained BPE for --bundled)")
-    tok.add_argument("--vocab-size", type=int, help="train a byte-level BPE of this size on the train split")
+    tok.add_argument("--vocab-size", type=int, help="train a byte-level BPE of this size on the train split "
+                                                    f"(--synthetic: content tokens, default {DEFAULT_VOCAB})")
     p.add_argument("--count", type=int, help="--bundled: only the newest COUNT speeches")
     p.add_argument("--shard-tokens", type=int, help=f"tokens per shard (default {DEFAULT_SHARD_TOKENS}, "
                                                    f"--bundled {BUNDLED_SHARD_TOKENS})")
@@ -227,6 +233,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="leave out (and count) documents that are not UTF-8 instead of stopping")
     p.add_argument("--threads", type=int, default=0, help="tokenizer threads (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing or interrupted preparation")
+    syn = p.add_argument_group("synthetic sources (--synthetic)")
+    syn.add_argument("--synthetic-tokens", type=int, default=DEFAULT_TRAIN_TOKENS,
+                     help="train tokens (valid: a tenth)")
+    syn.add_argument("--synthetic-doc-tokens", type=int, default=DEFAULT_DOC_TOKENS, help="tokens per document")
+    syn.add_argument("--synthetic-q", type=float, default=DEFAULT_Q, help="markov: probability of the 2nd successor")
+    syn.add_argument("--seed", type=int, default=0, help="seed of the law and the documents")
     return p
 
 
@@ -255,7 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out_dir)
     valid_every = args.valid_every if args.valid_every is not None else (0 if args.valid_input else 10)
     try:
-        if args.bundled:
+        if args.synthetic:
+            prepared = _prepare_synthetic(args, out)
+        elif args.bundled:
             prepared = prepare_bundled_corpus(
                 out, vocab_size=args.vocab_size or 4096, tokenizer=args.tokenizer, count=args.count,
                 valid_every=valid_every, shard_tokens=args.shard_tokens or BUNDLED_SHARD_TOKENS,
@@ -266,7 +280,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"calm-prepare-data: error: {err}", file=sys.stderr)
         return 1
     _report(prepared, out)
+    if args.synthetic:
+        from calm_dist.data.synthetic_prepare import report
+
+        print(report(prepared, out))
     return 0
+
+
+def _prepare_synthetic(args: argparse.Namespace, out: Path) -> PreparedData:
+    from calm_dist.data.synthetic_prepare import prepare_synthetic
+
+    if args.tokenizer or args.valid_input:
+        raise ValueError("--synthetic writes its own tokenizer and validation split: drop --tokenizer / --valid-input")
+    vocab = DEFAULT_VOCAB if args.vocab_size is None else args.vocab_size
+    return prepare_synthetic(out, args.synthetic, vocab=vocab, q=args.synthetic_q, seed=args.seed,
+                             train_tokens=args.synthetic_tokens, doc_tokens=args.synthetic_doc_tokens,
+                             shard_tokens=args.shard_tokens or BUNDLED_SHARD_TOKENS, overwrite=args.overwrite)
 
 
 def _prepare_files(args: argparse.Namespace, out: Path, valid_every: int) -> PreparedData:
