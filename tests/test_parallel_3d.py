@@ -61,7 +61,7 @@ def seed_files(tmp_path_factory):
 def _reference(preset: str, overrides: list[str], tokens, dp: int, pp: int):
     """Single process: the same steps, replica by replica, each with its own noise stream."""
     from calm_dist.optim import param_groups
-    from calm_dist.training.engine import lr_lambda
+    from calm_dist.training.engine import lr_scheduler
     from calm_dist.training.initial_weights import load_initial_weights
     from calm_dist.training.stages import build_model
 
@@ -71,9 +71,9 @@ def _reference(preset: str, overrides: list[str], tokens, dp: int, pp: int):
     load_initial_weights(model, cfg.training.init_weights)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optimizer.weight_decay), lr=cfg.optimizer.lr,
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optimizer.lr,
                                   betas=(cfg.optimizer.beta1, cfg.optimizer.beta2), eps=cfg.optimizer.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    scheduler = lr_scheduler(optimizer, cfg)
     streams = []
     for replica in range(dp):  # where each replica's last stage starts drawing
         seed_all(training_seed(cfg.training.seed, ParallelLayout(pipeline_parallel=pp, pp_rank=pp - 1, dp_rank=replica)))
@@ -156,9 +156,12 @@ def test_tp2_pp2_calm_matches_one_process_and_converts(tmp_path, seed_files):
 
 def test_pp2_with_two_virtual_stages_calm_matches_one_process(tmp_path, seed_files):
     """PP=2 x 2 virtual stages (interleaved 1F1B: rank 0 holds layers 0 and 2, rank 1 layers 1 and
-    3), 2 processes, 2 micro-batches per step."""
+    3), 2 processes, 2 micro-batches per step; per-module optimizer settings on the chunks'
+    parameter groups (the reference takes them too)."""
     cfg, ranks, reference = _run(tmp_path, seed_files, "tiny_calm", tp=1, pp=2, dp=1, accum=2,
-                                 extra=["parallel.zero_stage=0", "parallel.virtual_pipeline_stages=2"])
+                                 extra=["parallel.zero_stage=0", "parallel.virtual_pipeline_stages=2",
+                                        "optimizer.lr_multipliers={backbone: 0.5, head: 2}",
+                                        "optimizer.lr_delay_steps.embeddings=1"])
     _assert_matches(cfg, ranks, reference, tmp_path)
     assert {r["layout"]["pp_rank"]: sorted(r["grads"]) for r in ranks} == {0: ["chunk0", "chunk1"],
                                                                           1: ["chunk0", "chunk1"]}

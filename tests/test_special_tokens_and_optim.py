@@ -36,13 +36,16 @@ def test_weight_decay_only_on_matrices_and_embeddings():
                                                "model.intermediate_size=172", "autoencoder.hidden_size=64",
                                                "autoencoder.intermediate_size=160"]))
     model = CALM(cfg.model, Autoencoder(cfg.autoencoder))
-    decay, no_decay = param_groups(model, 0.1)
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
-    ids = {id(p) for p in decay["params"] + no_decay["params"]}
-    assert id(model.embed_tokens.weight) in {id(p) for p in decay["params"]}
-    assert id(model.head.output.bias) in {id(p) for p in no_decay["params"]}
+    groups = param_groups(model, cfg)
+    decay = [p for g in groups if g["name"].endswith(".decay") for p in g["params"]]
+    no_decay = [p for g in groups if g["name"].endswith(".no_decay") for p in g["params"]]
+    assert {g["weight_decay"] for g in groups} == {cfg.optimizer.weight_decay, 0.0}
+    assert all(g["weight_decay"] == 0.0 for g in groups if g["name"].endswith(".no_decay"))
+    assert all(p.dim() >= 2 for p in decay) and all(p.dim() == 1 for p in no_decay)
+    ids = {id(p) for p in decay + no_decay}
+    assert id(model.embed_tokens.weight) in {id(p) for p in decay}
+    assert id(model.head.output.bias) in {id(p) for p in no_decay}
     assert not any(id(p) in ids for p in model.autoencoder.parameters())  # frozen: not optimised
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert len(ids) == len(trainable)
-    torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3)  # accepted as-is by the optimizer
+    torch.optim.AdamW(param_groups(model, cfg), lr=1e-3)  # accepted as-is by the optimizer

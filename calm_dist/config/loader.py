@@ -1,6 +1,8 @@
 """Load layered YAML files and dotted command-line overrides into a `JobConfig`.
 
 Layers merge section by section: a later file (or override) replaces single keys of an earlier one.
+A mapping-valued key (`optimizer.lr_multipliers`) is replaced whole, `section.key={name: value}`,
+or one entry at a time by an override `section.key.name=value`.
 A file may start with `base: [...]` (preset names, or paths relative to that file), loaded before
 its own keys. Every key and value is checked against the dataclasses in `schema.py` as it is read,
 so an error names the file or override it came from. Checks that span fields (batch arithmetic,
@@ -170,8 +172,22 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _merge_into(merged: Sections, layer: Sections) -> None:
+    """A later layer replaces whole keys (a mapping too), except an override of one mapping entry
+    (`optimizer.lr_multipliers.backbone=0.1`, the key "lr_multipliers.backbone"), which is merged
+    into the mapping so far."""
     for section, values in layer.items():
-        merged.setdefault(section, {}).update(values)
+        target = merged.setdefault(section, {})
+        for key, value in values.items():
+            name, _, entry = key.partition(".")
+            if entry:
+                target[name] = {**target.get(name, _default(section, name)), entry: value}
+            else:
+                target[key] = value
+
+
+def _default(section: str, name: str) -> Any:
+    field = next(f for f in dataclasses.fields(_SECTION_TYPES[section]) if f.name == name)
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
 
 
 def _build(sections: Sections) -> JobConfig:
@@ -220,6 +236,12 @@ def _unknown(source: str, kind: str, dotted: str, given: str, allowed: list[str]
 
 
 def _check_type(dotted: str, value: Any, tp: Any, source: str) -> Any:
+    if typing.get_origin(tp) is dict:  # dict[str, float]: a mapping, each entry checked by its key
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{source}: {dotted} expects a mapping of names to values, e.g. "
+                              f"{{backbone: 0.1}}, got {value!r}")
+        value_type = typing.get_args(tp)[1]
+        return {k: _check_type(f"{dotted}.{k}", v, value_type, source) for k, v in value.items()}
     if typing.get_origin(tp) is Literal:
         allowed = typing.get_args(tp)
         if any(value == a and type(value) is type(a) for a in allowed):
@@ -247,7 +269,12 @@ def _parse_override(text: str) -> Sections:
     if not sep or not dot or not section or not name:
         raise ConfigError(f"{source}: expected section.key=value, e.g. model.hidden_size=512")
     _check_section_name(section, source)
+    name, _, entry = name.partition(".")  # optimizer.lr_multipliers.backbone=0.1: one mapping entry
     tp = _field_type(section, name, source)
+    if entry:
+        if typing.get_origin(tp) is not dict:
+            raise ConfigError(f"{source}: {section}.{name} is not a mapping, so it has no entry {entry!r}")
+        tp, name = typing.get_args(tp)[1], f"{name}.{entry}"
     if _is_text(tp) and raw_value[:1] not in ("'", '"'):
         value: Any = raw_value  # paths and names stay verbatim: `data.tokenizer=1e-3` is a string
     else:

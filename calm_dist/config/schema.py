@@ -84,6 +84,9 @@ class DataConfig:
     seed: int = 1234
     resampled: bool = False  # sample shards with replacement: statistical, not exact, continuity
     skip_corrupt: bool = False  # skip (count and log) corrupt shards instead of stopping
+    # Blocks mixed in seeded windows of this many (0/1: stream order): batches of consecutive blocks
+    # of one document stall CALM. Costs this many blocks of memory per worker.
+    shuffle_blocks: int = 1024
 
 
 @dataclass
@@ -99,6 +102,11 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1  # matrices and embeddings only (CALM.md §9.4)
     grad_clip: float = 1.0
+    # Per module group (calm_dist/module_groups.py: embeddings, compressor, backbone, head; the
+    # autoencoder stage has one group, autoencoder). Missing groups: multiplier 1, no delay.
+    lr_multipliers: dict[str, float] = field(default_factory=dict)  # x lr (and x min_lr)
+    weight_decay_multipliers: dict[str, float] = field(default_factory=dict)  # x weight_decay
+    lr_delay_steps: dict[str, int] = field(default_factory=dict)  # LR 0 for D steps, then warmup + schedule
 
 
 @dataclass

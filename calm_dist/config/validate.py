@@ -14,6 +14,7 @@ import re
 
 from calm_dist.config.errors import ConfigError
 from calm_dist.config.schema import DerivedConfig, JobConfig
+from calm_dist.module_groups import MODULE_GROUPS
 
 
 class _Problems:
@@ -37,7 +38,7 @@ def validate(cfg: JobConfig, world_size: int = 1) -> JobConfig:
     """Return a validated copy of `cfg` for `world_size` ranks; `cfg` itself is left unchanged."""
     cfg = copy.deepcopy(cfg)
     cfg.derived = None
-    for phase in (_check_ranges, _check_stage, _check_model, _check_parallel):
+    for phase in (_check_ranges, _check_stage, _check_model, _check_parallel, _check_module_groups):
         problems = _Problems()
         phase(cfg, world_size, problems)
         problems.raise_if_any()
@@ -62,7 +63,7 @@ _NON_NEGATIVE = (
     "data.num_workers", "training.global_batch_size", "training.gradient_accumulation_steps",
     "training.train_steps", "training.eval_steps", "training.wall_clock_minutes",
     "training.max_bad_steps", "logging.peak_tflops", "optimizer.min_lr", "optimizer.warmup_steps",
-    "optimizer.weight_decay", "optimizer.grad_clip",
+    "optimizer.weight_decay", "optimizer.grad_clip", "data.shuffle_blocks",
 )
 _UNIT_INTERVAL = (  # [0, 1)
     "model.attention_dropout", "model.hidden_dropout", "autoencoder.token_dropout",
@@ -102,6 +103,18 @@ def _check_ranges(cfg: JobConfig, world_size: int, p: _Problems) -> None:
     p.require(world_size >= 1, f"world_size must be >= 1, got {world_size}")
     p.require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.training.device) is not None,
               f"training.device must be auto, cpu or cuda[:N], got {cfg.training.device!r}")
+
+
+def _check_module_groups(cfg: JobConfig, world_size: int, p: _Problems) -> None:
+    """Per-module optimizer settings: names of this stage's module groups, values >= 0."""
+    known = MODULE_GROUPS.get(cfg.training.stage, ())
+    opt = cfg.optimizer
+    for key in ("lr_multipliers", "weight_decay_multipliers", "lr_delay_steps"):
+        for group, value in getattr(opt, key).items():
+            dotted = f"optimizer.{key}.{group}"
+            p.require(group in known, f"{dotted}: unknown module group for training.stage "
+                                      f"{cfg.training.stage}; known: {', '.join(sorted(known))}")
+            p.require(value >= 0, f"{dotted} must be >= 0, got {value}")
 
 
 def _check_model(cfg: JobConfig, world_size: int, p: _Problems) -> None:

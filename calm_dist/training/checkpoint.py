@@ -231,6 +231,7 @@ class CheckpointManager:
         rank_state = self._read_rank_state(path / rank_file(self.rank))
 
         if load_optimizer:
+            check_optimizer_groups(meta.get("config", {}), path)
             loaded, _ = engine.load_checkpoint(str(self.save_dir), tag=tag)
         else:
             # DeepSpeed 0.19.8 under ZeRO-3 without optimizer states reads the weights of the
@@ -287,6 +288,22 @@ def check_compatible(saved_config: dict, current_config: dict) -> None:
             "the checkpoint was written with a configuration it cannot be loaded into:\n"
             + "\n".join(differing)
             + "\nRevert these fields to resume, or set a new training.output_dir to start a new run."
+        )
+
+
+def check_optimizer_groups(saved_config: dict, path: Path) -> None:
+    """Refuse optimizer state written before per-module parameter groups (calm_dist/optim.py).
+
+    Such a checkpoint holds 2 groups (decay, no decay), this code one or two per module group, and
+    neither DeepSpeed nor torch can map the old moments onto them. It is recognised by its config,
+    which lacks `optimizer.lr_multipliers` (newer ones always have it, empty by default). Newer
+    checkpoints load: the groups depend on the model only, not on the multiplier or delay values."""
+    if "lr_multipliers" not in saved_config.get("optimizer", {"lr_multipliers": None}):
+        raise CheckpointMismatch(
+            f"{path}: its optimizer state has the 2 parameter groups (decay, no decay) of calm-dist "
+            "before per-module optimizer groups, which this version cannot load. Resume with "
+            "training.load_optimizer=false: the weights, step and data position load, AdamW's moments "
+            "and the LR schedule start afresh (warmup again)."
         )
 
 

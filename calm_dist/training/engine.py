@@ -102,11 +102,18 @@ def build_ds_config(cfg: JobConfig, on_cuda: bool) -> dict:
     return ds
 
 
-def lr_lambda(cfg: JobConfig):
-    """Linear warmup to optimizer.lr, then constant or cosine decay to optimizer.min_lr."""
-    opt, total = cfg.optimizer, max(1, cfg.training.train_steps)
+def lr_lambda(cfg: JobConfig, delay_steps: int = 0):
+    """Linear warmup to optimizer.lr, then constant or cosine decay to optimizer.min_lr.
+
+    With a delay D the factor is 0 for the first D steps; then the same schedule runs over the
+    remaining train_steps - D steps (warmup from step D, a cosine still reaching min_lr at the end).
+    """
+    opt, total = cfg.optimizer, max(1, cfg.training.train_steps - delay_steps)
 
     def factor(step: int) -> float:
+        if step < delay_steps:
+            return 0.0
+        step -= delay_steps
         if opt.warmup_steps and step < opt.warmup_steps:
             return (step + 1) / opt.warmup_steps
         if opt.schedule == "constant":
@@ -118,10 +125,22 @@ def lr_lambda(cfg: JobConfig):
     return factor
 
 
+def lr_scheduler(optimizer: torch.optim.Optimizer, cfg: JobConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """One schedule per parameter group (each scales its own lr), so that a module group can have
+    its `optimizer.lr_delay_steps`. During a delay AdamW still steps the group with lr 0, which
+    AdamW (torch's; apex's FusedAdam in AdamW mode) turns into neither update nor decay: both are
+    multiplied by lr, so the weights stay bit-identical. Its moments keep averaging the group's
+    gradients, which is harmless, even useful: the group starts with warm, bias-corrected moments
+    instead of a cold start. Its gradients still count in the global clipping norm."""
+    delays = cfg.optimizer.lr_delay_steps
+    lambdas = [lr_lambda(cfg, delays.get(group["module_group"], 0)) for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: JobConfig):
     """torch AdamW (or apex FusedAdam when installed and on CUDA) and its LR schedule."""
     opt = cfg.optimizer
-    groups = param_groups(model, opt.weight_decay)
+    groups = param_groups(model, cfg)
     kwargs = dict(lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
     optimizer, name = None, "torch AdamW"
     if torch.cuda.is_available():
@@ -134,8 +153,7 @@ def build_optimizer(model: torch.nn.Module, cfg: JobConfig):
     if optimizer is None:
         optimizer = torch.optim.AdamW(groups, **kwargs)
     logger.info("optimizer: %s", name)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    return optimizer, scheduler
+    return optimizer, lr_scheduler(optimizer, cfg)
 
 
 def create_engine(model: torch.nn.Module, cfg: JobConfig, ds_config: dict):

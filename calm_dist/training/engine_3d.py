@@ -32,7 +32,7 @@ from calm_dist.optim import param_groups
 from calm_dist.parallel.pipeline import PipelineStage, broadcast_from_last_stage, run_schedule
 from calm_dist.parallel.sharding import tensor_parallel_rule
 from calm_dist.parallel.state import ParallelLayout
-from calm_dist.training.engine import lr_lambda
+from calm_dist.training.engine import lr_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class ModelParallelEngine:
 
         self.chunks, self.cfg, self.layout = chunks, cfg, layout
         calm = type(chunks[0].model).__name__ == "CALM"
-        self.report_names = ("loss", "fidelity", "diversity") if calm else ("loss",)
+        self.report_names = ("loss", "fidelity", "diversity", "state_cosine") if calm else ("loss",)
         # What the trainer reads as "the model": the chunk's model, or all of them in order.
         self.module = chunks[0].model if len(chunks) == 1 else torch.nn.ModuleList(c.model for c in chunks)
         self.checkpoint_engine = _SynchronousCheckpoints()
@@ -70,7 +70,7 @@ class ModelParallelEngine:
         self.device = self.params[0].device  # collectives need tensors where the backend is (NCCL: GPU)
         opt = cfg.optimizer
         kwargs = dict(lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
-        groups = param_groups(self.module, opt.weight_decay)
+        groups = param_groups(self.module, cfg)  # this rank's chunks: the groups they hold
         if cfg.parallel.zero_stage == 1 and layout.data_parallel > 1:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -81,7 +81,8 @@ class ModelParallelEngine:
         else:
             self.optimizer = torch.optim.AdamW(groups, **kwargs)
             name = "torch AdamW (not sharded)"
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        # ZeRO-1: the schedule sets the wrapper's param_groups, which it copies to its shard at each step.
+        self.scheduler = lr_scheduler(self.optimizer, cfg)
         self.grad_norm: float | None = None
         logger.info("3d engine: TP=%d PP=%d (x %d virtual) DP=%d, optimizer %s", layout.tensor_parallel,
                     layout.pipeline_parallel, layout.virtual_stages, layout.data_parallel, name)
@@ -209,6 +210,10 @@ class ModelParallelEngine:
             getattr(self.optimizer, "optim", self.optimizer).load_state_dict(state["optimizer"])
         if load_lr_scheduler_states:
             self.scheduler.load_state_dict(state["lr_scheduler"])
+            # ZeRO-1 copies the wrapper's lrs onto its shard at every step, and the wrapper still
+            # holds the schedule's step-0 lrs (0 for a delayed group): set the restored ones.
+            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+                group["lr"] = lr
         return str(path), state["client_state"]
 
 
