@@ -87,7 +87,7 @@ def calm_parts(calm, tokens) -> dict:
         calm.sample_latents(h_PD.requires_grad_(True), n).backward(grad_samples)
 
     def energy():
-        calm._chunked_energy(samples.detach().requires_grad_(True), mu_PL, sigma_PL).loss.backward()
+        calm._chunked_energy(samples.detach().requires_grad_(True), mu_PL, sigma_PL)[0].backward()
 
     def encode():
         with torch.no_grad():

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from calm_dist.config.schema import ModelConfig
+from calm_dist.metrics.collapse import mean_pairwise_cosine
 from calm_dist.models.autoencoder import Autoencoder
 from calm_dist.models.backbone import Backbone, BackboneOptions
 from calm_dist.models.compressor import ChunkCompressor
@@ -33,6 +34,9 @@ class CALMOutput(NamedTuple):
     fidelity: torch.Tensor  # mean ||z_n - y_m||^beta
     diversity: torch.Tensor  # mean ||z_n - z_k||^beta, n != k
     num_positions: int
+    # Mean pairwise cosine of the backbone states read by the head: -> 1 when the backbone
+    # collapses to one state for every context (the collapse alarm, docs/learning.md).
+    state_cosine: torch.Tensor
 
 
 class CALM(nn.Module):
@@ -114,9 +118,12 @@ class CALM(nn.Module):
         h_PD = h_BSD.reshape(-1, h_BSD.shape[-1])
         mu_PL, sigma_PL = mu_BSL.reshape(-1, mu_BSL.shape[-1]), log_sigma_BSL.reshape(-1, mu_BSL.shape[-1]).exp()
         samples_NPL = self.sample_latents(h_PD, self.cfg.num_samples)
-        return self._chunked_energy(samples_NPL, mu_PL, sigma_PL)
+        loss, fidelity, diversity = self._chunked_energy(samples_NPL, mu_PL, sigma_PL)
+        cosine = torch.tensor(mean_pairwise_cosine(h_PD), device=loss.device)
+        return CALMOutput(loss=loss, fidelity=fidelity, diversity=diversity, num_positions=h_PD.shape[0],
+                          state_cosine=cosine)
 
-    def _chunked_energy(self, samples_NPL, mu_PL, sigma_PL) -> CALMOutput:
+    def _chunked_energy(self, samples_NPL, mu_PL, sigma_PL) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Targets are drawn chunk by chunk so that M x P x L never exists at once (§8.3)."""
         positions = mu_PL.shape[0]
         step = max(1, self.cfg.energy_chunk_positions)
@@ -130,8 +137,7 @@ class CALM(nn.Module):
             weight = (end - start) / positions
             parts.append(part.loss * weight)
             totals += weight * torch.stack([part.fidelity.detach(), part.diversity.detach(), part.loss.detach()])
-        loss = torch.stack(parts).sum()
-        return CALMOutput(loss=loss, fidelity=totals[0], diversity=totals[1], num_positions=positions)
+        return torch.stack(parts).sum(), totals[0], totals[1]
 
 
 def calm_param_count(cfg: ModelConfig) -> int:

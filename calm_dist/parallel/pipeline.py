@@ -100,7 +100,7 @@ def _loss_func(output, loss: torch.Tensor):
     """megatron's loss_func: the tensor to backpropagate and what to report. megatron divides the
     returned tensor in place by the number of micro-batches, so the report holds copies."""
     report = {"loss": loss.detach().clone()}
-    for name in ("fidelity", "diversity"):
+    for name in ("fidelity", "diversity", "state_cosine"):
         if hasattr(output, name):
             report[name] = getattr(output, name).detach().clone()
     return loss, report

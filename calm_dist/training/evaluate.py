@@ -10,6 +10,7 @@ import torch.distributed as dist
 from calm_dist.config.schema import JobConfig
 from calm_dist.metrics.brier import BrierAccumulator, baseline_brier_terms
 from calm_dist.metrics.model_brier import baseline_next_token_probs, calm_block_terms
+from calm_dist.models.calm import unconditional_energy
 
 
 def rank_slice(blocks_BT: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
@@ -52,8 +53,19 @@ def _sum_reduce(values: list[float], device) -> list[float]:
 
 @torch.no_grad()
 def evaluate(model, cfg: JobConfig, blocks_BT: torch.Tensor, device: torch.device) -> dict[str, float]:
-    """Held-out metrics for the stage: reconstruction for the autoencoder, energy loss and BrierLM
-    for CALM, cross-entropy, perplexity and BrierLM for the baseline."""
+    """Held-out metrics for the stage: reconstruction for the autoencoder, energy loss, the
+    unconditional level and BrierLM for CALM, cross-entropy, perplexity and BrierLM for the baseline.
+
+    Evaluation draws its noise from its own seeded streams and puts the training streams back, so
+    how often a run evaluates never changes the run itself, and every evaluation of the same
+    weights gives the same figures."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(cfg.training.seed)
+        return _evaluate(model, cfg, blocks_BT, device)
+
+
+def _evaluate(model, cfg: JobConfig, blocks_BT: torch.Tensor, device: torch.device) -> dict[str, float]:
     was_training = model.training
     model.eval()
     stage = cfg.training.stage
@@ -83,7 +95,11 @@ def evaluate(model, cfg: JobConfig, blocks_BT: torch.Tensor, device: torch.devic
     if stage == "autoencoder":
         loss, acc, n = _sum_reduce([loss_sum, extra_sum, count], device)
         return {"ce": loss / n, "recon_acc": acc / n, "blocks": n}
-    loss, n = _sum_reduce([loss_sum, count], device)
+    sums = [loss_sum, count]
+    if stage == "calm":  # the level a CALM that ignores its context reaches (the collapse alarm)
+        sums.append(unconditional_energy(model, blocks_BT.to(device)) * count)
+    sums = _sum_reduce(sums, device)
+    loss, n = sums[0], sums[1]
     state = brier.state()
     if dist.is_initialized() and dist.get_world_size() > 1:
         state = state.to(device)
@@ -92,5 +108,8 @@ def evaluate(model, cfg: JobConfig, blocks_BT: torch.Tensor, device: torch.devic
     metrics = {"loss": loss / n, "blocks": n, **{k: result[k] for k in ("brier1", "brier2", "brier3", "brier4", "brierlm")}}
     if stage == "baseline":
         metrics["ppl"] = float(torch.tensor(loss / n).exp())
+    if stage == "calm":
+        metrics["uncond"] = sums[2] / n
+        metrics["gap_pct"] = 100 * (metrics["uncond"] - metrics["loss"]) / metrics["uncond"]
     return metrics
 

@@ -52,8 +52,10 @@ def _commas(v: float) -> str:
 # A segment's `parens` items follow its main items inside one pair of parentheses.
 _SEGMENTS: list[dict[str, list[tuple[str, str, _Fmt]]]] = [
     {"main": [("loss", "loss {}", _g(4))],
-     "parens": [("fid", "fid {}", _g(4)), ("div", "div {}", _g(4)), ("ce", "ce {}", _g(4)),
+     "parens": [("fid", "fid {}", _g(4)), ("div", "div {}", _g(4)), ("cos", "cos {}", _fixed(3)),
+                ("ce", "ce {}", _g(4)),
                 ("kl", "kl {}", _g(4)), ("acc", "acc {}", _g(4)), ("sigma", "sigma {}", _g(3))]},
+    {"main": [("uncond", "uncond {}", _g(4)), ("gap_pct", "gap {}%", _fixed(1))]},
     {"main": [("brier1", "brier1 {}", _g(4)), ("brier2", "brier2 {}", _g(4)),
               ("brier3", "brier3 {}", _g(4)), ("brier4", "brier4 {}", _g(4))]},
     {"main": [("brierlm", "BrierLM {}", _fixed(2))]},

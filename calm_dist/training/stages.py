@@ -53,6 +53,6 @@ def step_metrics(cfg: JobConfig, out) -> dict[str, float]:
     if stage == "autoencoder":
         return {"ce": out.ce.item(), "kl": out.kl.item(), "acc": out.accuracy.item(), "sigma": out.sigma_mean.item()}
     if stage == "calm":
-        return {"fid": out.fidelity.item(), "div": out.diversity.item()}
+        return {"fid": out.fidelity.item(), "div": out.diversity.item(), "cos": out.state_cosine.item()}
     return {}
 

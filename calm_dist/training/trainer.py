@@ -133,6 +133,7 @@ class Trainer:
             patch_size=k,
             resampled=cfg.data.resampled,
             skip_corrupt=cfg.data.skip_corrupt,
+            shuffle_blocks=cfg.data.shuffle_blocks,
         )
         self.eval_blocks = None
         if cfg.data.valid_path and cfg.training.eval_steps:
@@ -237,10 +238,11 @@ class Trainer:
             done += 1
         self._finish_step()
         grad_norm = engine.get_global_grad_norm()
+        # "lr": the largest of the per-module-group lrs (a delayed or scaled group may be group 0).
         return {
             "loss": sum(losses) / len(losses), **extras,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "lr": engine.get_lr()[0], "data_ms": 1e3 * data_time,
+            "lr": max(engine.get_lr()), "data_ms": 1e3 * data_time,
         }
 
     def _train_step_3d(self, batches) -> dict[str, float]:
@@ -259,9 +261,10 @@ class Trainer:
             bad_in_a_row += 1
             self._count_bad_step(bad_in_a_row)
         self._finish_step()
-        extras = {"fid": report["fidelity"], "div": report["diversity"]} if "fidelity" in report else {}
+        extras = ({"fid": report["fidelity"], "div": report["diversity"], "cos": report["state_cosine"]}
+                  if "fidelity" in report else {})
         return {"loss": report["loss"], **extras, "grad_norm": self.engine.get_global_grad_norm(),
-                "lr": self.engine.get_lr()[0], "data_ms": 1e3 * data_time}
+                "lr": max(self.engine.get_lr()), "data_ms": 1e3 * data_time}
 
     def _evaluate(self) -> dict[str, float]:
         if self.cfg.parallel.regime != "3d":
@@ -281,6 +284,7 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self) -> TrainState:
         from calm_dist.flops import compute_precision, peak_tflops, training_flops_per_token
+        from calm_dist.training.collapse_alarm import CollapseAlarm
         from calm_dist.training.metrics import MetricsLogger
         from calm_dist.training.signals import StopRequest
         from calm_dist.training.telemetry import GpuTelemetry, memory_stats
@@ -298,6 +302,7 @@ class Trainer:
         batches = iter(self.loader)
         last_saved = self.state.step if self.resume_tag else -1
         stop_reason, last_eval = None, -1
+        alarm = CollapseAlarm()
         # The budget counts from process start: model build and resume count against it too.
         with StopRequest(cfg.training.wall_clock_minutes, start_time=self.start_time) as stop:
             window_start, window_steps = time.perf_counter(), 0
@@ -321,10 +326,12 @@ class Trainer:
                     step_metrics.update(memory_stats(info.device))
                     step_metrics.update(telemetry.sample(info.local_rank) if telemetry.available else {})
                     metrics.log_train(step, step_metrics)
+                    self._warn(metrics, alarm.on_train(step, step_metrics))
                     window_start, window_steps = time.perf_counter(), 0
                 if self.eval_blocks is not None and step % cfg.training.eval_interval == 0:
                     self.final_eval = self._evaluate()
                     metrics.log_eval(step, self.final_eval)
+                    self._warn(metrics, alarm.on_eval(step, self.final_eval))
                     last_eval = step
                 stop_reason = stop.agreed_reason()
                 if stop_reason or step % cfg.training.save_interval == 0:
@@ -342,9 +349,15 @@ class Trainer:
             if self.eval_blocks is not None and finished and last_eval != self.state.step:
                 self.final_eval = self._evaluate()
                 metrics.log_eval(self.state.step, self.final_eval)
+                self._warn(metrics, alarm.on_eval(self.state.step, self.final_eval))
         metrics.close()
         telemetry.close()
         return self.state
+
+    def _warn(self, metrics, warning: str | None) -> None:
+        if warning and self.info.rank == 0:
+            logger.warning(warning)
+            metrics.note(warning)
 
     def export_autoencoder(self) -> Path | None:
         """Consolidate the final checkpoint's fp32 weights into <output_dir>/autoencoder."""
