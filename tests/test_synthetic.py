@@ -215,3 +215,17 @@ def test_an_unknown_source_is_named(tmp_path, capsys):
     assert "--synthetic" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--synthetic"):
         make_source("zipf")
+
+
+def test_the_main_successor_is_one_cycle_through_every_token():
+    """Irreducible chain: from any token, perm1 visits all V tokens before returning."""
+    from calm_dist.data.synthetic import make_source
+
+    for kind in ("det", "markov"):
+        for seed in range(5):
+            source = make_source(kind, vocab=16, seed=seed)
+            token, seen = 0, set()
+            for _ in range(16):
+                seen.add(token)
+                token = int(source.perm1[token])
+            assert token == 0 and len(seen) == 16

@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         cursor += batch
         return out
 
-    def evaluate(step, train_cos, t0):
+    def evaluate(step, train_cos, t0, common_grad=float("nan")):
         model.eval()
         rng = torch.get_rng_state()
         torch.manual_seed(1234)
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
         model.train()
         print(json.dumps({"step": step, "energy": round(energy, 4), "uncond": round(marginal, 4),
                           "gap_pct": round(100 * (marginal - energy) / marginal, 2), "cos_valid": round(cos, 4),
-                          "cos_train": round(train_cos, 4),
+                          "cos_train": round(train_cos, 4), "common_grad": round(common_grad, 4),
                           **{f"b{n}": round(brier[f"brier{n}"], 4) for n in range(1, 5)},
                           "brierlm": round(brier["brierlm"], 2), "min": round((time.time() - t0) / 60, 2)}),
               flush=True)
@@ -149,6 +149,7 @@ def main(argv=None) -> int:
         tokens = next_batch(step - 1)
         k = cfg.model.patch_size
         h = model.backbone(model.transformer_inputs(tokens))
+        h.retain_grad()
         out = model.loss_from_hidden(h, tokens)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -159,7 +160,10 @@ def main(argv=None) -> int:
             print(json.dumps({"step": step, "error": "non-finite loss"}))
             return 1
         if step % args.eval_every == 0 or step == args.steps:
-            evaluate(step, mean_pairwise_cosine(h.detach().reshape(-1, h.shape[-1])), t0)
+            g = h.grad.reshape(-1, h.shape[-1])
+            # share of the loss gradient on the states that is the same at every position
+            common = float(g.mean(0).square().sum() / g.square().sum(1).mean())
+            evaluate(step, mean_pairwise_cosine(h.detach().reshape(-1, h.shape[-1])), t0, common)
     return 0
 
 

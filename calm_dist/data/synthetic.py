@@ -77,7 +77,13 @@ def make_source(kind: str, vocab: int = DEFAULT_VOCAB, q: float = DEFAULT_Q, see
     if seed < 0:
         raise ValueError(f"the seed (--seed) must be >= 0, got {seed}")
     rng = np.random.default_rng([seed, 0])
-    perm1 = rng.permutation(vocab)
+    # perm1 is ONE cycle through all V tokens: every document visits every token, so the chain is
+    # irreducible (its uniform stationary law is the only one) and any split covers every chunk.
+    # A plain random permutation splits into short cycles: a document stuck in a fixed point
+    # repeats one token forever and may be the only one to visit it.
+    order = rng.permutation(vocab)
+    perm1 = np.empty(vocab, dtype=np.int64)
+    perm1[order] = np.roll(order, -1)
     if kind == "det":
         return SyntheticSource(kind, vocab, 0.0, seed, perm1, perm1)
     shift = rng.permutation(vocab)
