@@ -3,8 +3,10 @@
   1. prepare shards: a 4,096-token BPE trained on the bundled speeches, train/valid shards;
   2. stage 1: train a tiny autoencoder (DeepSpeed ZeRO-3, like any run);
   3. stage 2: train a tiny CALM on the frozen autoencoder;
-  4. evaluate: reconstruction accuracy, energy loss against the unconditional level, BrierLM;
-  5. generate a sample from a prompt.
+  4. the token baseline beside it, trained for the same training FLOPs (--no-baseline skips it);
+  5. evaluate: reconstruction accuracy, CALM's energy against the unconditional level (the gap
+     says whether it uses its context; docs/learning.md), Brier-1..4 and BrierLM of both models;
+  6. generate a sample from a prompt.
 
     python -m calm_dist.quickstart                 # about 10 minutes on 2 cores
     python -m calm_dist.quickstart --preset demo   # about an hour: as far as a CPU goes
@@ -25,22 +27,24 @@ import time
 import warnings
 from pathlib import Path
 
-PRESETS = {
-    "quickstart": ("quickstart_autoencoder", "quickstart_calm"),
-    "demo": ("demo_autoencoder", "demo_calm"),
+PRESETS = {  # (autoencoder, CALM, token baseline)
+    "quickstart": ("quickstart_autoencoder", "quickstart_calm", "quickstart_baseline"),
+    "demo": ("demo_autoencoder", "demo_calm", "demo_baseline"),
 }
+STAGES = 6
 PROMPT = "The state of the Union is"
 
 
 def _banner(step: int, text: str) -> None:
-    print(f"\n[{step}/5] {text}", flush=True)
+    print(f"\n[{step}/{STAGES}] {text}", flush=True)
 
 
-def _train(preset: str, overrides: list[str], steps_scale: float, log_file: Path) -> None:
+def _train(preset: str, overrides: list[str], steps_scale: float, log_file: Path, steps: int | None = None) -> None:
     from calm_dist.config import load_config
 
     cfg = load_config([preset])
-    steps = max(2, int(cfg.training.train_steps * steps_scale))
+    steps = steps or max(2, int(cfg.training.train_steps * steps_scale))
+    steps_scale = steps / cfg.training.train_steps
     scaled = [f"training.train_steps={steps}",
               f"training.save_interval={max(1, int(cfg.training.save_interval * steps_scale))}",
               f"training.eval_interval={max(1, int(cfg.training.eval_interval * steps_scale))}",
@@ -65,18 +69,40 @@ def _last_eval(run_dir: Path) -> dict:
     return last
 
 
+def equal_flops_steps(calm_preset: str, baseline_preset: str, calm_steps: int, overrides: list[str]) -> int:
+    """Baseline steps whose training FLOPs equal CALM's over `calm_steps` (calm_dist/flops.py)."""
+    from calm_dist.config import load_config
+    from calm_dist.config.validate import validate
+    from calm_dist.flops import training_flops_per_token
+
+    def per_step(preset: str) -> float:
+        cfg = validate(load_config([preset], overrides))
+        return training_flops_per_token(cfg) * cfg.derived.global_batch_size * cfg.data.seq_length
+
+    return max(2, round(calm_steps * per_step(calm_preset) / per_step(baseline_preset)))
+
+
+def _brier_line(metrics: dict) -> str:
+    return (f"BrierLM {metrics['brierlm']:.2f} (Brier-1..4: "
+            + ", ".join(f"{metrics[f'brier{n}']:.4f}" for n in range(1, 5)) + ")")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="calm-quickstart", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quickstart")
     parser.add_argument("--out", default="runs/quickstart", help="output directory (reused: stages resume)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's step count")
     parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary trained on the corpus")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the token baseline of equal training FLOPs trained beside CALM")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed")
+    from calm_dist.config import load_config
+
     start = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ae_preset, calm_preset = PRESETS[args.preset]
+    ae_preset, calm_preset, baseline_preset = PRESETS[args.preset]
 
     _banner(1, "prepare data: BPE tokenizer + WebDataset shards of the bundled corpus")
     from calm_dist.data.prepare import prepare_bundled_corpus
@@ -98,37 +124,46 @@ def main(argv: list[str] | None = None) -> int:
     _train(calm_preset, common + [f"training.output_dir={calm_run}", f"training.autoencoder_path={ae_run / 'autoencoder'}"],
            args.steps_scale, out / "calm.log")
 
-    _banner(4, "evaluate")
+    baseline_eval = None
+    if not args.no_baseline:
+        calm_steps = max(2, int(load_config([calm_preset]).training.train_steps * args.steps_scale))
+        steps = equal_flops_steps(calm_preset, baseline_preset, calm_steps, common)
+        _banner(4, f"the token baseline beside it: {steps} steps, the training FLOPs of CALM's {calm_steps}")
+        baseline_run = out / "baseline"
+        _train(baseline_preset, common + [f"training.output_dir={baseline_run}"], args.steps_scale,
+               out / "baseline.log", steps=steps)
+        baseline_eval = _last_eval(baseline_run)
+
+    _banner(5, "evaluate (held-out blocks, the trainers' own final evaluation)")
+    ae_eval, calm_eval = _last_eval(ae_run), _last_eval(calm_run)
+    summary = {
+        "autoencoder_recon_acc": ae_eval.get("recon_acc"),
+        "calm_energy_loss": calm_eval.get("loss"),
+        "unconditional_energy_loss": calm_eval.get("uncond"),
+        "energy_gap_pct": calm_eval.get("gap_pct"),
+        **{k: calm_eval.get(k) for k in ("brier1", "brier2", "brier3", "brier4", "brierlm")},
+    }
+    if baseline_eval:
+        summary["baseline"] = {k: baseline_eval.get(k) for k in
+                               ("loss", "ppl", "brier1", "brier2", "brier3", "brier4", "brierlm")}
+    print(f"  autoencoder: held-out token accuracy {summary['autoencoder_recon_acc']:.2%} "
+          "(decoding a posterior sample)")
+    print(f"  CALM: held-out energy loss {summary['calm_energy_loss']:.3f} vs {summary['unconditional_energy_loss']:.3f} "
+          f"for an unconditional predictor: {summary['energy_gap_pct']:.1f}% below it (below = the model uses its "
+          "context; docs/learning.md)")
+    print(f"  CALM: {_brier_line(calm_eval)}")
+    if baseline_eval:
+        print(f"  token baseline (equal training FLOPs): CE {baseline_eval['loss']:.3f}, {_brier_line(baseline_eval)}")
+
+    _banner(6, "generate")
     import torch
 
-    from calm_dist.data.loader import read_eval_blocks
     from calm_dist.data.tokenizer import load_tokenizer
     from calm_dist.generation import generate_calm
-
-    ae_eval, calm_eval = _last_eval(ae_run), _last_eval(calm_run)
     from calm_dist.pretrained import load_pretrained
 
     trained = load_pretrained(calm_run)  # the newest checkpoint, consolidated on this CPU
     model, cfg = trained.model, trained.config
-    torch.manual_seed(0)
-    blocks = read_eval_blocks(data.valid.directory, cfg.derived.block_tokens, max_blocks=cfg.training.eval_steps)
-    from calm_dist.models.calm import unconditional_energy
-
-    marginal = unconditional_energy(model, blocks)
-    summary = {
-        "autoencoder_recon_acc": ae_eval.get("recon_acc"),
-        "calm_energy_loss": calm_eval.get("loss"),
-        "unconditional_energy_loss": marginal,
-        **{k: calm_eval.get(k) for k in ("brier1", "brier2", "brier3", "brier4", "brierlm")},
-    }
-    print(f"  autoencoder: held-out token accuracy {summary['autoencoder_recon_acc']:.2%} "
-          "(decoding a posterior sample)")
-    print(f"  CALM: held-out energy loss {summary['calm_energy_loss']:.3f} vs {marginal:.3f} for an "
-          "unconditional predictor (lower is better; below it = the model uses its context)")
-    print(f"  CALM: BrierLM {summary['brierlm']:.2f} (Brier-1..4: "
-          + ", ".join(f"{summary[f'brier{n}']:.4f}" for n in range(1, 5)) + ")")
-
-    _banner(5, "generate")
     tokenizer = load_tokenizer(data.tokenizer_path)
     torch.manual_seed(0)
     result = generate_calm(model, [tokenizer.encode(PROMPT)], max_new_tokens=48, eos_id=tokenizer.eos_id)

@@ -24,7 +24,8 @@ PAPER_PRESETS = {
     "autoencoder", "calm_m", "calm_l", "calm_xl", "transformer_s", "transformer_m", "transformer_l",
 }
 TINY_PRESETS = {"tiny_autoencoder", "tiny_calm", "tiny_baseline"}
-RUN_PRESETS = {"quickstart_autoencoder", "quickstart_calm", "demo_autoencoder", "demo_calm"}
+RUN_PRESETS = {"quickstart_autoencoder", "quickstart_calm", "quickstart_baseline", "demo_autoencoder", "demo_calm",
+               "demo_baseline"}
 
 
 def write(path, text: str):
