@@ -259,6 +259,8 @@ def test_trainer_resumes_a_tp2_pp2_run_exactly(tmp_path):
     records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [2, 4] and all(0 < r["loss"] < 1e3 for r in evals)
+    # CALM's unconditional level beside its energy (the collapse alarm), as in the zero3 regime
+    assert all(r["uncond"] > 0 and r["gap_pct"] == pytest.approx(100 * (1 - r["loss"] / r["uncond"])) for r in evals)
 
     # calm-convert merges the shards and verifies the converted model against the checkpoint's
     import subprocess

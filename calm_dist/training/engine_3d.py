@@ -176,6 +176,16 @@ class ModelParallelEngine:
             value[0] = sum(float(r["loss"]) for r in reports) / len(micro_batches)
         return float(broadcast_from_last_stage(value, self.layout)[0])
 
+    def unconditional_energy(self, blocks_BT: torch.Tensor) -> float:
+        """CALM's unconditional energy level on these blocks (the collapse alarm's reference),
+        computed where the frozen autoencoder lives (the last stage), on every rank of the replica."""
+        from calm_dist.models.calm import unconditional_energy
+
+        value = torch.zeros(1, dtype=torch.float64, device=self.device)
+        if self.layout.last_stage:
+            value[0] = unconditional_energy(self.chunks[-1].model, blocks_BT)
+        return float(broadcast_from_last_stage(value, self.layout)[0])
+
     # -- what the trainer reads ---------------------------------------------------------------
     def get_lr(self) -> list[float]:
         return [group["lr"] for group in self.optimizer.param_groups]

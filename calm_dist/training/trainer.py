@@ -269,17 +269,27 @@ class Trainer:
     def _evaluate(self) -> dict[str, float]:
         if self.cfg.parallel.regime != "3d":
             return evaluate(self.engine.module, self.cfg, self.eval_blocks, self.info.device)
-        # The 3d regime reports the held-out loss; BrierLM needs generation through the pipeline:
-        # convert the checkpoint and run calm-eval for it.
+        # The 3d regime reports the held-out loss (and CALM's unconditional level); BrierLM needs
+        # generation through the pipeline: convert the checkpoint and run calm-eval for it.
         from megatron.core import parallel_state as ps
 
-        micro = list(self.eval_blocks.to(self.info.device).split(self.cfg.training.micro_batch_size))
+        blocks = self.eval_blocks.to(self.info.device)
+        micro = list(blocks.split(self.cfg.training.micro_batch_size))
         if len(micro) > 1 and micro[-1].shape[0] != micro[0].shape[0]:
             micro = micro[:-1]  # the schedule sends fixed-shape activations
-        loss = torch.tensor([self.engine.evaluate_loss(micro)], dtype=torch.float64, device=self.info.device)
+        calm = self.cfg.training.stage == "calm"
+        # Own seeded streams, the training ones put back (as evaluate() does in the zero3 regime).
+        with torch.random.fork_rng(devices=[self.info.device] if self.info.device.type == "cuda" else []):
+            torch.manual_seed(self.cfg.training.seed)
+            values = [self.engine.evaluate_loss(micro)] + ([self.engine.unconditional_energy(blocks)] if calm else [])
+        values = torch.tensor(values, dtype=torch.float64, device=self.info.device)
         if self.layout.data_parallel > 1:
-            dist.all_reduce(loss, group=ps.get_data_parallel_group())
-        return {"loss": float(loss) / self.layout.data_parallel}
+            dist.all_reduce(values, group=ps.get_data_parallel_group())
+        values = (values / self.layout.data_parallel).tolist()
+        metrics = {"loss": values[0]}
+        if calm:
+            metrics.update(uncond=values[1], gap_pct=100 * (values[1] - values[0]) / values[1])
+        return metrics
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self) -> TrainState:
