@@ -37,8 +37,13 @@ def test_alarm_fires_only_when_a_signal_persists():
     assert alarm.on_train(60, {"cos": 0.999}) is None  # once per episode
     assert alarm.on_train(70, {"loss": 1.0}) is None  # other stages log no cos
 
-    assert alarm.on_eval(100, {"loss": 17.5, "uncond": 17.2}) is None
-    assert alarm.on_eval(200, {"loss": 16.0, "uncond": 17.2}) is None  # 7% below: learning
-    assert alarm.on_eval(300, {"loss": 17.1, "uncond": 17.2}) is None  # within 1%: at the level
-    message = alarm.on_eval(400, {"loss": 17.3, "uncond": 17.2})
-    assert message and "unconditional level" in message
+    alarm = CollapseAlarm(patience_evals=3, grace_steps=150)
+    assert alarm.on_eval(100, {"loss": 17.5, "uncond": 17.2}) is None  # in the grace period: not counted
+    assert alarm.on_eval(150, {"loss": 17.5, "uncond": 17.2}) is None
+    assert alarm.on_eval(200, {"loss": 17.3, "uncond": 17.2}) is None  # 1st
+    assert alarm.on_eval(300, {"loss": 16.0, "uncond": 17.2}) is None  # 7% below: learning, streak broken
+    assert alarm.on_eval(400, {"loss": 17.15, "uncond": 17.2}) is None  # 0.3% below: at the level (1st)
+    assert alarm.on_eval(500, {"loss": 17.2, "uncond": 17.2}) is None  # 2nd
+    message = alarm.on_eval(600, {"loss": 17.3, "uncond": 17.2})  # 3rd
+    assert message and "unconditional level" in message and "step 600" in message
+    assert alarm.on_eval(700, {"loss": 17.3, "uncond": 17.2}) is None  # once per episode

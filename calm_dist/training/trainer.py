@@ -312,7 +312,8 @@ class Trainer:
         batches = iter(self.loader)
         last_saved = self.state.step if self.resume_tag else -1
         stop_reason, last_eval = None, -1
-        alarm = CollapseAlarm()
+        opt = cfg.optimizer
+        alarm = CollapseAlarm(grace_steps=max(opt.lr_delay_steps.values(), default=0) + opt.warmup_steps)
         # The budget counts from process start: model build and resume count against it too.
         with StopRequest(cfg.training.wall_clock_minutes, start_time=self.start_time) as stop:
             window_start, window_steps = time.perf_counter(), 0
