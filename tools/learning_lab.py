@@ -28,26 +28,17 @@ from calm_dist.metrics.model_brier import calm_block_terms
 from calm_dist.models.autoencoder_io import load_autoencoder
 from calm_dist.models.calm import CALM, unconditional_energy
 from calm_dist.parallel.state import ensure_model_parallel
+from calm_dist.training.engine import build_optimizer
 
-GROUPS = ("embeddings", "compressor", "backbone", "head")
-
-
-def group_of(name: str) -> str:
-    for prefix, group in (("embed_tokens", "embeddings"), ("compressor", "compressor"), ("backbone", "backbone"),
-                          ("head", "head")):
-        if name.startswith(prefix):
-            return group
-    raise KeyError(name)
+TRUNK = ("embeddings", "compressor", "backbone")  # every module group but the head
 
 
-def parse_map(items, cast):
-    out = {}
+def group_overrides(items, key: str) -> list[str]:
+    """--lr-mult/--delay GROUP=VALUE (GROUP `trunk`: the three trunk groups) -> config overrides."""
+    out = []
     for item in items or []:
-        key, value = item.split("=")
-        for group in (GROUPS if key == "trunk" else (key,)):
-            if group == "head" and key == "trunk":
-                continue
-            out[group] = cast(value)
+        group, value = item.split("=")
+        out += [f"optimizer.{key}.{g}={value}" for g in (TRUNK if group == "trunk" else (group,))]
     return out
 
 
@@ -66,10 +57,11 @@ def main(argv=None) -> int:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-blocks", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", nargs="*", default=[], help="extra dotted config overrides")
+    p.add_argument("--set", nargs="*", default=[], help="extra dotted config overrides (e.g. optimizer.schedule=cosine)")
     args = p.parse_args(argv)
 
-    overrides = [f"training.autoencoder_path={args.ae}", *args.set]
+    overrides = [f"training.autoencoder_path={args.ae}", f"training.train_steps={args.steps}", *args.set,
+                 *group_overrides(args.lr_mult, "lr_multipliers"), *group_overrides(args.delay, "lr_delay_steps")]
     if args.lr is not None:
         overrides.append(f"optimizer.lr={args.lr}")
     if args.warmup is not None:
@@ -84,24 +76,7 @@ def main(argv=None) -> int:
     train = read_eval_blocks(f"{args.data}/train", block, packing="lm")
     valid = read_eval_blocks(f"{args.data}/valid", block, max_blocks=args.eval_blocks)
 
-    mults, delays = parse_map(args.lr_mult, float), parse_map(args.delay, int)
-    groups = []
-    for group in GROUPS:
-        named = [(n, q) for n, q in model.named_parameters() if q.requires_grad and group_of(n) == group]
-        for decay in (True, False):
-            params = [q for n, q in named if (q.dim() >= 2) == decay]
-            if params:
-                groups.append({"params": params, "weight_decay": cfg.optimizer.weight_decay if decay else 0.0,
-                               "lr": cfg.optimizer.lr * mults.get(group, 1.0), "group": group})
-    opt = torch.optim.AdamW(groups, lr=cfg.optimizer.lr, betas=(cfg.optimizer.beta1, cfg.optimizer.beta2),
-                            eps=cfg.optimizer.eps)
-    warm = max(1, cfg.optimizer.warmup_steps)
-
-    def factor(group):
-        delay = delays.get(group, 0)
-        return lambda s: 0.0 if s < delay else min(1.0, (s - delay + 1) / warm)
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, [factor(g["group"]) for g in groups])
+    opt, sched = build_optimizer(model, cfg)  # the trainer's groups and per-group schedules
     gen = torch.Generator().manual_seed(args.seed)
     perm, cursor = torch.randperm(len(train), generator=gen), 0
 
