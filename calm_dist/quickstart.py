@@ -49,6 +49,12 @@ def _train(preset: str, overrides: list[str], steps_scale: float, log_file: Path
               f"training.save_interval={max(1, int(cfg.training.save_interval * steps_scale))}",
               f"training.eval_interval={max(1, int(cfg.training.eval_interval * steps_scale))}",
               f"logging.log_interval={max(1, min(cfg.logging.log_interval, steps // 10 or 1))}"]
+    if steps_scale != 1:  # a shorter run keeps the recipe's proportions: warm-up and head-first delay
+        opt = cfg.optimizer
+        scaled.append(f"optimizer.warmup_steps={int(opt.warmup_steps * steps_scale)}")
+        if opt.lr_delay_steps:
+            delays = ", ".join(f"{g}: {int(d * steps_scale)}" for g, d in opt.lr_delay_steps.items())
+            scaled.append(f"optimizer.lr_delay_steps={{{delays}}}")
     cmd = [sys.executable, "-m", "calm_dist.train", "--config", preset, *overrides, *scaled]
     print("  $ " + " ".join(cmd[1:]), flush=True)
     env = {**os.environ, "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore")}

@@ -47,3 +47,9 @@ def test_alarm_fires_only_when_a_signal_persists():
     message = alarm.on_eval(600, {"loss": 17.3, "uncond": 17.2})  # 3rd
     assert message and "unconditional level" in message and "step 600" in message
     assert alarm.on_eval(700, {"loss": 17.3, "uncond": 17.2}) is None  # once per episode
+
+
+def test_fewer_than_two_states_have_no_pair():
+    from calm_dist.metrics.collapse import pairwise_cosine_tensor
+
+    assert float(pairwise_cosine_tensor(torch.randn(1, 8))) == 0.0  # finite: a 3d step is never skipped for it

@@ -14,12 +14,18 @@ COLLAPSE_COSINE = 0.95  # above this the states are one direction plus noise (do
 
 
 @torch.no_grad()
-def mean_pairwise_cosine(states_PD: torch.Tensor) -> float:
-    """Mean cosine similarity over all pairs of distinct rows of (P, D), in O(P D):
-    |sum of unit rows|^2 = P + sum over ordered pairs i != j of cos(i, j)."""
-    units = torch.nn.functional.normalize(states_PD.detach().float(), dim=-1)
-    count = units.shape[0]
+def pairwise_cosine_tensor(states_PD: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity over all pairs of distinct rows of (P, D), in O(P D), as a 0-dim fp32
+    tensor on the states' device (no host sync inside a training step):
+    |sum of unit rows|^2 = P + sum over ordered pairs i != j of cos(i, j). With fewer than 2 rows
+    there is no pair: 0."""
+    count = states_PD.shape[0]
     if count < 2:
-        return float("nan")
-    total = units.sum(dim=0).square().sum()
-    return float((total - count) / (count * (count - 1)))
+        return torch.zeros((), device=states_PD.device)
+    units = torch.nn.functional.normalize(states_PD.detach().float(), dim=-1)
+    return (units.sum(dim=0).square().sum() - count) / (count * (count - 1))
+
+
+def mean_pairwise_cosine(states_PD: torch.Tensor) -> float:
+    """`pairwise_cosine_tensor` as a Python float."""
+    return float(pairwise_cosine_tensor(states_PD))

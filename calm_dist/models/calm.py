@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from calm_dist.config.schema import ModelConfig
-from calm_dist.metrics.collapse import mean_pairwise_cosine
+from calm_dist.metrics.collapse import pairwise_cosine_tensor
 from calm_dist.models.autoencoder import Autoencoder
 from calm_dist.models.backbone import Backbone, BackboneOptions
 from calm_dist.models.compressor import ChunkCompressor
@@ -119,9 +119,8 @@ class CALM(nn.Module):
         mu_PL, sigma_PL = mu_BSL.reshape(-1, mu_BSL.shape[-1]), log_sigma_BSL.reshape(-1, mu_BSL.shape[-1]).exp()
         samples_NPL = self.sample_latents(h_PD, self.cfg.num_samples)
         loss, fidelity, diversity = self._chunked_energy(samples_NPL, mu_PL, sigma_PL)
-        cosine = torch.tensor(mean_pairwise_cosine(h_PD), device=loss.device)
         return CALMOutput(loss=loss, fidelity=fidelity, diversity=diversity, num_positions=h_PD.shape[0],
-                          state_cosine=cosine)
+                          state_cosine=pairwise_cosine_tensor(h_PD))
 
     def _chunked_energy(self, samples_NPL, mu_PL, sigma_PL) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Targets are drawn chunk by chunk so that M x P x L never exists at once (§8.3)."""
@@ -160,12 +159,20 @@ def calm_param_count(cfg: ModelConfig) -> int:
 def unconditional_energy(model: CALM, blocks_BT: torch.Tensor) -> float:
     """Energy loss of an unconditional predictor (CALM.md §9.11): as its N samples, posterior
     samples of random OTHER chunks of the same blocks, against the true targets. A CALM whose loss
-    is below this uses its context; at it, it has learned only the marginal. Draws from torch's
-    default generator (seed it for a reproducible figure)."""
+    is below this uses its context; at it, it has learned only the marginal. Draws from the default
+    generator of the blocks' device (seed it for a reproducible figure); targets are drawn chunk by
+    chunk over positions (model.energy_chunk_positions), like the training loss, to bound memory."""
     k, cfg = model.cfg.patch_size, model.cfg
     mu, log_sigma = model.target_posterior(blocks_BT[:, k:].reshape(blocks_BT.shape[0], -1, k))
-    mu, sigma = mu.reshape(-1, mu.shape[-1]), log_sigma.reshape(-1, mu.shape[-1]).exp()
-    picks = [torch.randperm(mu.shape[0]) for _ in range(cfg.num_samples)]
-    samples_NPL = torch.stack([mu[i] + sigma[i] * torch.randn_like(mu) for i in picks])
-    targets_MPL = mu + sigma * torch.randn(cfg.num_target_samples, *mu.shape)
-    return energy_loss(samples_NPL, targets_MPL, beta=cfg.beta).loss.item()
+    mu, sigma = mu.reshape(-1, mu.shape[-1]).float(), log_sigma.reshape(-1, mu.shape[-1]).float().exp()
+    positions, device = mu.shape[0], mu.device
+    picks = [torch.randperm(positions, device=device) for _ in range(cfg.num_samples)]
+    step, total = max(1, cfg.energy_chunk_positions), 0.0
+    for start in range(0, positions, step):
+        end = min(positions, start + step)
+        samples_NPL = torch.stack([mu[i[start:end]] + sigma[i[start:end]] * torch.randn_like(mu[start:end])
+                                   for i in picks])
+        targets_MPL = mu[start:end] + sigma[start:end] * torch.randn(
+            cfg.num_target_samples, end - start, mu.shape[-1], device=device)
+        total += energy_loss(samples_NPL, targets_MPL, beta=cfg.beta).loss.item() * (end - start)
+    return total / positions

@@ -51,21 +51,32 @@ def _sum_reduce(values: list[float], device) -> list[float]:
     return tensor.tolist()
 
 
+def seed_evaluation(seed: int, device: torch.device) -> None:
+    """Seed the streams evaluation draws from: the CPU's and this rank's device only (inside a
+    fork_rng that puts them back afterwards)."""
+    torch.random.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)  # the current device only, unlike torch.manual_seed
+
+
 @torch.no_grad()
-def evaluate(model, cfg: JobConfig, blocks_BT: torch.Tensor, device: torch.device) -> dict[str, float]:
+def evaluate(model, cfg: JobConfig, blocks_BT: torch.Tensor, device: torch.device,
+             level_blocks_BT: torch.Tensor | None = None) -> dict[str, float]:
     """Held-out metrics for the stage: reconstruction for the autoencoder, energy loss, the
     unconditional level and BrierLM for CALM, cross-entropy, perplexity and BrierLM for the baseline.
 
     Evaluation draws its noise from its own seeded streams and puts the training streams back, so
     how often a run evaluates never changes the run itself, and every evaluation of the same
-    weights gives the same figures."""
+    weights gives the same figures. CALM's unconditional level is measured on `level_blocks_BT`
+    (default: this rank's blocks), the same on every rank."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(cfg.training.seed)
-        return _evaluate(model, cfg, blocks_BT, device)
+        seed_evaluation(cfg.training.seed, device)
+        return _evaluate(model, cfg, blocks_BT, device, blocks_BT if level_blocks_BT is None else level_blocks_BT)
 
 
-def _evaluate(model, cfg: JobConfig, blocks_BT: torch.Tensor, device: torch.device) -> dict[str, float]:
+def _evaluate(model, cfg: JobConfig, blocks_BT: torch.Tensor, device: torch.device,
+              level_blocks_BT: torch.Tensor) -> dict[str, float]:
     was_training = model.training
     model.eval()
     stage = cfg.training.stage
@@ -95,11 +106,10 @@ def _evaluate(model, cfg: JobConfig, blocks_BT: torch.Tensor, device: torch.devi
     if stage == "autoencoder":
         loss, acc, n = _sum_reduce([loss_sum, extra_sum, count], device)
         return {"ce": loss / n, "recon_acc": acc / n, "blocks": n}
-    sums = [loss_sum, count]
-    if stage == "calm":  # the level a CALM that ignores its context reaches (the collapse alarm)
-        sums.append(unconditional_energy(model, blocks_BT.to(device)) * count)
-    sums = _sum_reduce(sums, device)
-    loss, n = sums[0], sums[1]
+    # The level a CALM that ignores its context reaches (the collapse alarm): computed on the same
+    # blocks by every rank, so it is not summed over ranks.
+    level = unconditional_energy(model, level_blocks_BT.to(device)) if stage == "calm" else None
+    loss, n = _sum_reduce([loss_sum, count], device)
     state = brier.state()
     if dist.is_initialized() and dist.get_world_size() > 1:
         state = state.to(device)
@@ -109,7 +119,7 @@ def _evaluate(model, cfg: JobConfig, blocks_BT: torch.Tensor, device: torch.devi
     if stage == "baseline":
         metrics["ppl"] = float(torch.tensor(loss / n).exp())
     if stage == "calm":
-        metrics["uncond"] = sums[2] / n
+        metrics["uncond"] = level
         metrics["gap_pct"] = 100 * (metrics["uncond"] - metrics["loss"]) / metrics["uncond"]
     return metrics
 

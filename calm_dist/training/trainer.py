@@ -135,12 +135,15 @@ class Trainer:
             skip_corrupt=cfg.data.skip_corrupt,
             shuffle_blocks=cfg.data.shuffle_blocks,
         )
-        self.eval_blocks = None
+        self.eval_blocks = self.level_blocks = None
         if cfg.data.valid_path and cfg.training.eval_steps:
             blocks = read_eval_blocks(cfg.data.valid_path, cfg.derived.block_tokens,
                                       max_blocks=cfg.training.eval_steps,
                                       packing="ae" if packing == "ae" else "eval", patch_size=k)
             self.eval_blocks = rank_slice(blocks, layout.dp_rank, layout.data_parallel)
+            # CALM's unconditional level is the marginal of ALL the evaluation blocks, on every rank:
+            # one figure whatever the number of replicas (a slice can be a single document).
+            self.level_blocks = blocks[: blocks.shape[0] // layout.data_parallel * layout.data_parallel]
 
         from calm_dist.parallel.state import seed_model_building, seed_training
 
@@ -268,10 +271,12 @@ class Trainer:
 
     def _evaluate(self) -> dict[str, float]:
         if self.cfg.parallel.regime != "3d":
-            return evaluate(self.engine.module, self.cfg, self.eval_blocks, self.info.device)
+            return evaluate(self.engine.module, self.cfg, self.eval_blocks, self.info.device, self.level_blocks)
         # The 3d regime reports the held-out loss (and CALM's unconditional level); BrierLM needs
         # generation through the pipeline: convert the checkpoint and run calm-eval for it.
         from megatron.core import parallel_state as ps
+
+        from calm_dist.training.evaluate import seed_evaluation
 
         blocks = self.eval_blocks.to(self.info.device)
         micro = list(blocks.split(self.cfg.training.micro_batch_size))
@@ -280,8 +285,10 @@ class Trainer:
         calm = self.cfg.training.stage == "calm"
         # Own seeded streams, the training ones put back (as evaluate() does in the zero3 regime).
         with torch.random.fork_rng(devices=[self.info.device] if self.info.device.type == "cuda" else []):
-            torch.manual_seed(self.cfg.training.seed)
-            values = [self.engine.evaluate_loss(micro)] + ([self.engine.unconditional_energy(blocks)] if calm else [])
+            seed_evaluation(self.cfg.training.seed, self.info.device)
+            values = [self.engine.evaluate_loss(micro)]
+            if calm:  # the same figure on every replica: the all-reduce mean below keeps it
+                values.append(self.engine.unconditional_energy(self.level_blocks.to(self.info.device)))
         values = torch.tensor(values, dtype=torch.float64, device=self.info.device)
         if self.layout.data_parallel > 1:
             dist.all_reduce(values, group=ps.get_data_parallel_group())
@@ -313,7 +320,11 @@ class Trainer:
         last_saved = self.state.step if self.resume_tag else -1
         stop_reason, last_eval = None, -1
         opt = cfg.optimizer
-        alarm = CollapseAlarm(grace_steps=max(opt.lr_delay_steps.values(), default=0) + opt.warmup_steps)
+        longest_delay = max(opt.lr_delay_steps.values(), default=0)
+        if longest_delay >= cfg.training.train_steps and info.rank == 0:
+            metrics.note(f"optimizer.lr_delay_steps holds a module group at LR 0 for {longest_delay} steps, the "
+                         f"whole run of {cfg.training.train_steps}: that group never trains")
+        alarm = CollapseAlarm(grace_steps=longest_delay + opt.warmup_steps)
         # The budget counts from process start: model build and resume count against it too.
         with StopRequest(cfg.training.wall_clock_minutes, start_time=self.start_time) as stop:
             window_start, window_steps = time.perf_counter(), 0
