@@ -8,8 +8,8 @@
      says whether it uses its context; docs/learning.md), Brier-1..4 and BrierLM of both models;
   6. generate a sample from a prompt.
 
-    python -m calm_dist.quickstart                 # about 10 minutes on 2 cores
-    python -m calm_dist.quickstart --preset demo   # about an hour: as far as a CPU goes
+    python -m calm_dist.quickstart                 # about 30 minutes on 2 cores
+    python -m calm_dist.quickstart --preset demo   # about 1.5 hours: as far as a CPU goes
     python -m calm_dist.quickstart --steps-scale 0.1 --out runs/smoke   # a quick smoke run
 
 Each stage is an ordinary `python -m calm_dist.train` run in its own process (the command is
