@@ -122,7 +122,6 @@ def main(argv=None) -> int:
     evaluate(0, float("nan"), t0)
     for step in range(1, args.steps + 1):
         tokens = next_batch(step - 1)
-        k = cfg.model.patch_size
         h = model.backbone(model.transformer_inputs(tokens))
         h.retain_grad()
         out = model.loss_from_hidden(h, tokens)
