@@ -67,9 +67,10 @@ def _train(preset: str, overrides: list[str], steps_scale: float, log_file: Path
 
 
 def _last_eval(run_dir: Path) -> dict:
+    from calm_dist.training.metrics import read_metrics
+
     last = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
+    for record in read_metrics(run_dir / "metrics.jsonl"):
         if record.get("kind") == "eval":
             last = record
     return last

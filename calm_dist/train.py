@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from calm_dist.environment import log_backend_report
     from calm_dist.parallel.launch import init_distributed
+    from calm_dist.training.checkpoint import CheckpointSaveError, NonFiniteState
     from calm_dist.training.run_lock import RunLock
     from calm_dist.training.trainer import Trainer, TrainingStopped
 
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with RunLock(cfg.training.output_dir, info.rank):
             Trainer(cfg, info, start_time=start_time).fit()
-    except TrainingStopped as err:
+    except (TrainingStopped, NonFiniteState, CheckpointSaveError) as err:
+        # The run cannot go on by itself; what was saved before is intact and the message says which.
         logging.getLogger("calm_dist.train").error("%s", err)
         return 1
     except (FileNotFoundError, FileExistsError, ValueError) as err:

@@ -17,6 +17,7 @@ Precision = Literal["fp32", "bf16"]
 Regime = Literal["zero3", "3d"]
 LRSchedule = Literal["constant", "cosine"]
 ProgressBar = Literal["auto", "on", "off"]
+DataVerify = Literal["lazy", "full"]
 Recompute = Literal["none", "selective", "full"]
 
 
@@ -84,6 +85,9 @@ class DataConfig:
     seed: int = 1234
     resampled: bool = False  # sample shards with replacement: statistical, not exact, continuity
     skip_corrupt: bool = False  # skip (count and log) corrupt shards instead of stopping
+    # Shards checked against index.json: "lazy" sizes at start-up and each shard's sha256 when read;
+    # "full" every checksum at start-up too (one read of the data before training).
+    verify: DataVerify = "lazy"
     # Blocks mixed in seeded windows of this many (0/1: stream order): batches of consecutive blocks
     # of one document stall CALM. Costs this many blocks of memory per worker.
     shuffle_blocks: int = 1024
@@ -147,6 +151,9 @@ class TrainingConfig:
     load_step: int = -1  # -1: the newest complete checkpoint; N: global_stepN exactly
     load_rng: bool = True  # restore every rank's RNG streams (exact continuation)
     load_optimizer: bool = True  # restore optimizer and LR-schedule state
+    # A newest checkpoint that fails verification is renamed aside and the newest one that verifies
+    # is loaded instead (false: an error naming the damaged file).
+    resume_fallback: bool = True
     # Stopping: SIGTERM/SIGUSR1 always save and exit 0; a wall-clock budget does the same.
     wall_clock_minutes: float = 0.0  # 0: no budget
     max_bad_steps: int = 5  # NaN/inf losses in a row before the run stops (with a checkpoint)

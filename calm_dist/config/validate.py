@@ -101,6 +101,8 @@ def _check_ranges(cfg: JobConfig, world_size: int, p: _Problems) -> None:
     p.require(cfg.parallel.zero_stage in (0, 1, 2, 3),
               f"parallel.zero_stage must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage}")
     p.require(world_size >= 1, f"world_size must be >= 1, got {world_size}")
+    p.require(cfg.training.output_dir.strip() != "",
+              "training.output_dir is empty: name the run's directory (checkpoints, logs and config go there)")
     p.require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.training.device) is not None,
               f"training.device must be auto, cpu or cuda[:N], got {cfg.training.device!r}")
 

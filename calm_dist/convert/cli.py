@@ -5,6 +5,7 @@
     calm-convert convert runs/x exports/x --autoencoder reference      # autoencoder in exports/x/autoencoder/
     calm-convert inspect runs/quickstart/calm                           # or a converted directory
     calm-convert diff runs/x/checkpoints/global_step500 exports/x
+    calm-convert verify runs/x --all                                    # every file against its checksum
 
 Bad input (a path that is not a checkpoint, a missing tag or file, a damaged shard) exits with
 status 2 and one line on stderr; a failed verification exits with 1 and writes nothing.
@@ -48,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.add_argument("--max-tensors", type=int, default=200, help="tensors listed in the text output")
 
+    verify = commands.add_parser("verify", help="check a checkpoint's files against its manifest (or a "
+                                                "converted directory's weights): names a damaged file")
+    verify.add_argument("path", help="a run, checkpoints/ or global_stepN directory, or a converted directory")
+    verify.add_argument("--tag", help="the checkpoint to verify (default: the one `latest` names)")
+    verify.add_argument("--all", action="store_true", help="every complete checkpoint of the run")
+
     diff = commands.add_parser("diff", help="config fields, tensor names, shapes and values that differ")
     diff.add_argument("a")
     diff.add_argument("b")
@@ -64,6 +71,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                tokenizer=args.tokenizer, allow_missing_tokenizer=args.allow_missing_tokenizer,
                                overwrite=args.overwrite)
             print(args.out)
+        elif args.command == "verify":
+            from calm_dist.convert.integrity import verify_path
+
+            ok = True
+            for line, good in verify_path(args.path, tag=args.tag, every=args.all):
+                print(line)
+                ok = ok and good
+            return 0 if ok else 2
         elif args.command == "inspect":
             info = inspect_checkpoint(args.path, tag=args.tag)
             print(json.dumps(info, indent=2) if args.json else format_inspection(info, args.max_tensors))

@@ -57,14 +57,11 @@ def load_converted(
 def load_safetensors_into(model: nn.Module, file: Path, skip_prefix: str | None = None) -> None:
     """Copy every tensor of `file` into `model`, one at a time; the names must match exactly
     (those under `skip_prefix` come from elsewhere and must be absent)."""
-    from safetensors import safe_open
-
-    if not file.is_file():
-        raise ConversionError(f"{file} is missing")
+    from calm_dist.weights_file import open_safetensors
     # Megatron layers add `_extra_state` entries (FP8 metadata, not weights); DeepSpeed keeps none.
     targets = {name: t for name, t in model.state_dict().items()
                if not name.endswith("._extra_state") and not (skip_prefix and name.startswith(skip_prefix))}
-    with safe_open(str(file), framework="pt") as f, torch.no_grad():
+    with open_safetensors(file) as f, torch.no_grad():
         stored = set(f.keys())
         missing, unexpected = sorted(targets.keys() - stored), sorted(stored - targets.keys())
         if missing or unexpected:

@@ -44,6 +44,7 @@ from calm_dist.convert.hf_config import (
 from calm_dist.convert.source import (
     CheckpointRef,
     ConversionError,
+    check_finite,
     check_shards,
     consolidated_weights,
     resolve_checkpoint,
@@ -137,6 +138,7 @@ def write_weights(ref: CheckpointRef, cfg: JobConfig, out: Path, dtype: torch.dt
     refer = cfg.training.stage == "calm" and not embed_autoencoder
     weights, autoencoder = {}, {}
     for count, (name, tensor) in enumerate(consolidated_weights(ref), start=1):
+        check_finite(name, tensor, ref)
         if refer and name.startswith(AE_PREFIX):
             autoencoder[name[len(AE_PREFIX):]] = tensor
         else:  # floating tensors to the chosen dtype, one at a time: one copy of the model

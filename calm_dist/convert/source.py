@@ -100,6 +100,27 @@ def _check_zip(path: Path) -> None:
         raise ConversionError(f"shard {path} is truncated or corrupt ({exc})") from None
 
 
+def verify_manifest(ref: CheckpointRef, full: bool = True) -> bool:
+    """The checkpoint's files against its manifest (sizes, and sha256 when `full`); ConversionError
+    naming the damaged file. False when the checkpoint predates manifests (nothing to check)."""
+    from calm_dist.training.checkpoint_integrity import CheckpointDamaged, verify_checkpoint
+
+    try:
+        return verify_checkpoint(ref.path, full=full)
+    except CheckpointDamaged as err:
+        raise ConversionError(f"{err}; convert an earlier checkpoint (--tag), available: "
+                              f"{_available(ref.checkpoints_dir)}") from None
+
+
+def check_finite(name: str, tensor: torch.Tensor, ref: CheckpointRef) -> None:
+    """A weight holding NaN or inf makes a useless model: refuse, naming the tensor."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ConversionError(f"{ref.path}: weight {name} holds {bad} non-finite values (NaN or inf): the run had "
+                              f"diverged by this step; convert an earlier checkpoint (--tag), available: "
+                              f"{_available(ref.checkpoints_dir)}")
+
+
 def is_model_parallel(ref: CheckpointRef) -> bool:
     """Written by the 3d regime (megatron TP/PP shards) rather than by DeepSpeed ZeRO."""
     return ref.meta().get("layout", {}).get("regime") == "3d"
@@ -119,6 +140,7 @@ def _model_parallel_files(ref: CheckpointRef) -> dict[tuple[int, int], Path]:
 def check_shards(ref: CheckpointRef) -> None:
     """Every rank's shard is present and whole, before anything unpickles one (DeepSpeed's own
     errors name neither the file nor the cause)."""
+    verify_manifest(ref)
     meta = ref.meta()
     layout = meta.get("layout", {})
     if is_model_parallel(ref):
@@ -227,6 +249,8 @@ def load_checkpoint_model(ref: CheckpointRef, device: str | torch.device = "cpu"
     else:
         with _stdout_to_stderr():
             weights = consolidate_fp32(ref.checkpoints_dir, ref.tag)
+    for name, tensor in weights.items():
+        check_finite(name, tensor, ref)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ConversionError(f"{ref.path} does not fit a {cfg.training.stage} model of its own config: "

@@ -24,7 +24,7 @@ from calm_dist.convert.hf_config import (
     build_hf_config,
     read_hf_config,
 )
-from calm_dist.convert.source import resolve_checkpoint, single_process_config
+from calm_dist.convert.source import ConversionError, resolve_checkpoint, single_process_config
 
 _NOT_SUMMARY = ("calm_dist", "source", "autoencoder_config")
 # safetensors' dtype names, so that a checkpoint and a converted directory list alike
@@ -50,7 +50,11 @@ class _Opened:
 
 def _open(path: str | Path, tag: str | None = None) -> _Opened:
     path = Path(path)
-    if (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file():
+    if (path / CONFIG_NAME).is_file() or (path / WEIGHTS_NAME).is_file():
+        for name in (CONFIG_NAME, WEIGHTS_NAME):  # a converted directory: both or it is damaged
+            if not (path / name).is_file():
+                raise ConversionError(f"{path} looks like a converted directory but {path / name} is missing: "
+                                      "convert the checkpoint again")
         return _open_converted(path)
     return _open_checkpoint(path, tag)
 
@@ -70,7 +74,7 @@ def _open_checkpoint(path: Path, tag: str | None) -> _Opened:
 
 
 def _open_converted(path: Path) -> _Opened:
-    from safetensors import safe_open
+    from calm_dist.weights_file import open_safetensors
 
     config = read_hf_config(path)
     files = {"": path / WEIGHTS_NAME}
@@ -78,7 +82,7 @@ def _open_converted(path: Path) -> _Opened:
         files[AE_PREFIX] = path / config["ae_path"] / WEIGHTS_NAME
     shapes, where = {}, {}
     for prefix, file in files.items():
-        with safe_open(str(file), framework="pt") as f:
+        with open_safetensors(file) as f:
             for name in f.keys():
                 piece = f.get_slice(name)
                 shapes[prefix + name] = (list(piece.get_shape()), piece.get_dtype())
@@ -86,7 +90,7 @@ def _open_converted(path: Path) -> _Opened:
 
     def tensor(name: str) -> torch.Tensor:
         file, key = where[name]
-        with safe_open(str(file), framework="pt") as f:
+        with open_safetensors(file) as f:
             return f.get_tensor(key).float()
 
     source = config.get("source", {})

@@ -112,7 +112,7 @@ class _BlockStreams(IterableDataset):
             i, j = p.shard_at(epoch, stream, shard_pos)
             index = p.indexes[i]
             try:
-                docs = read_shard(index.shard_path(j), index.shards[j])
+                docs = read_shard(index.shard_path(j), index.shards[j], index.vocab_size)
             except CorruptShardError as err:
                 if not self.skip_corrupt:
                     raise

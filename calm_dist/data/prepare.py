@@ -3,6 +3,7 @@
     calm-prepare-data data/sotu --bundled --vocab-size 4096         # the quickstart corpus
     calm-prepare-data data/mine --input texts/ --tokenizer gpt2    # your own .txt/.md/.jsonl files
     calm-prepare-data data/markov --synthetic markov                # a known law: does a setup learn?
+    calm-prepare-data verify data/sotu                              # every shard against its index
 
 Output: OUT/train/ and OUT/valid/ (shards + index.json each) and, for a trained tokenizer,
 OUT/tokenizer.json. Validation holds out every n-th document whole (--valid-every) or comes from
@@ -262,6 +263,11 @@ def _report(prepared: PreparedData, out: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["verify"]:
+        from calm_dist.data.verify import main as verify_main
+
+        return verify_main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     out = Path(args.out_dir)

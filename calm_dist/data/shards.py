@@ -197,40 +197,83 @@ def clear_shard_directory(directory: str | Path, prefix: str) -> None:
 # reading ---------------------------------------------------------------------------------------
 
 
-def read_shard(path: str | Path, expected: ShardInfo | None = None) -> list[np.ndarray]:
+def read_shard(path: str | Path, expected: ShardInfo | None = None, vocab_size: int | None = None) -> list[np.ndarray]:
     """All documents of one shard, in order, as id arrays.
 
-    Raises CorruptShardError naming the file when it is truncated (its size differs from the
-    index), is not a readable tar, holds an undecodable member, or holds another number of
-    documents than the index says (tar readers stop quietly at some damaged headers).
+    Raises CorruptShardError naming the file when it is missing or truncated (its size differs
+    from the index), its bytes do not match the index's sha256, it is not a readable tar, holds an
+    undecodable member, or holds another number of documents than the index says. With
+    `vocab_size`, a token id outside [0, vocab_size) is an error naming the shard and the sample.
     """
     from webdataset.tariterators import tar_file_iterator
 
     if isinstance(path, str) and "://" in path or str(path).startswith("pipe:"):
         raw = _read_url(str(path))  # remote: fetched whole (a shard is a few MB), then checked
-        size = len(raw)
     else:
-        path, raw = Path(path), None
-        size = path.stat().st_size if path.exists() else -1
+        path = Path(path)
+        if not path.is_file():
+            raise CorruptShardError(path, "missing" + (" (the index lists it)" if expected is not None else ""))
+        raw = path.read_bytes()
     if expected is not None:
-        if size < 0:
-            raise CorruptShardError(path, "missing (the index lists it)")
-        if size != expected.bytes:
-            raise CorruptShardError(path, f"{size} bytes, the index says {expected.bytes}: truncated or "
-                                          "replaced; copy it again or prepare the data again")
+        check_shard_bytes(path, raw, expected)
     docs: list[np.ndarray] = []
     try:
-        with (io.BytesIO(raw) if raw is not None else open(path, "rb")) as f:
-            for member in tar_file_iterator(f):
-                if not member["fname"].endswith("." + TOKENS_MEMBER):
-                    continue
-                docs.append(np.load(io.BytesIO(member["data"]), allow_pickle=False))
+        for member in tar_file_iterator(io.BytesIO(raw)):
+            if not member["fname"].endswith("." + TOKENS_MEMBER):
+                continue
+            ids = np.load(io.BytesIO(member["data"]), allow_pickle=False)
+            if vocab_size is not None and ids.size and int(ids.max()) >= vocab_size:
+                raise CorruptShardError(path, f"sample {member['fname'].split('.')[0]} holds token id {int(ids.max())}, "
+                                              f"outside the vocabulary of {vocab_size}: damaged, or prepared with "
+                                              "another tokenizer; prepare the data again")
+            docs.append(ids)
+    except CorruptShardError:
+        raise
     except Exception as err:  # tarfile.ReadError, ValueError from np.load, EOFError, ...
         raise CorruptShardError(path, f"unreadable after {len(docs)} documents "
                                       f"({type(err).__name__}: {err})") from err
     if expected is not None and len(docs) != expected.docs:
         raise CorruptShardError(path, f"holds {len(docs)} documents, the index says {expected.docs}: corrupt")
     return docs
+
+
+def check_shard_bytes(path, raw: bytes, expected: ShardInfo) -> None:
+    """The shard's bytes are the ones the index describes (size, then sha256)."""
+    if len(raw) != expected.bytes:
+        raise CorruptShardError(path, f"{len(raw)} bytes, the index says {expected.bytes}: truncated or "
+                                      "replaced; copy it again or prepare the data again")
+    if hashlib.sha256(raw).hexdigest() != expected.sha256:
+        raise CorruptShardError(path, f"its bytes do not match the sha256 in {INDEX_NAME}: the file is damaged; "
+                                      "copy it again or prepare the data again")
+
+
+def check_shard_sizes(index: ShardIndex) -> list[CorruptShardError]:
+    """Every local shard present with the size the index says (no reading); the problems found."""
+    if index.url_template:
+        return []  # remote shards are checked when fetched
+    problems = []
+    for i, info in enumerate(index.shards):
+        path = index.shard_path(i)
+        size = path.stat().st_size if path.is_file() else -1
+        if size < 0:
+            problems.append(CorruptShardError(path, "missing (the index lists it)"))
+        elif size != info.bytes:
+            problems.append(CorruptShardError(path, f"{size} bytes, the index says {info.bytes}: truncated or "
+                                                    "replaced; copy it again or prepare the data again"))
+    return problems
+
+
+def verify_shards(index: ShardIndex, shares: tuple[int, int] = (0, 1)) -> list[CorruptShardError]:
+    """Read and check the shards of this share (rank r of n checks every n-th from r): size,
+    sha256, readability, document count and token ids. The problems found."""
+    rank, world = shares
+    problems = []
+    for i in range(rank, len(index.shards), world):
+        try:
+            read_shard(index.shard_path(i), index.shards[i], index.vocab_size)
+        except CorruptShardError as err:
+            problems.append(err)
+    return problems
 
 
 def _read_url(url: str) -> bytes:
@@ -246,4 +289,4 @@ def _read_url(url: str) -> bytes:
 def iter_index_documents(index: ShardIndex) -> Iterator[np.ndarray]:
     """Every document of a shard directory, in index order (evaluation; no shuffling)."""
     for i, info in enumerate(index.shards):
-        yield from read_shard(index.shard_path(i), info)
+        yield from read_shard(index.shard_path(i), info, index.vocab_size)

@@ -63,7 +63,7 @@ def check_autoencoder_matches(saved: AutoencoderConfig, expected: AutoencoderCon
 
 
 def load_autoencoder(path: str | Path, expected: AutoencoderConfig | None = None) -> Autoencoder:
-    from safetensors.torch import load_file
+    from calm_dist.weights_file import load_safetensors
 
     path = Path(path)
     cfg = read_autoencoder_config(path)
@@ -73,5 +73,5 @@ def load_autoencoder(path: str | Path, expected: AutoencoderConfig | None = None
     if not weights.is_file():
         raise FileNotFoundError(f"{path}: missing {WEIGHTS_NAME}")
     model = Autoencoder(cfg)
-    model.load_state_dict(load_file(str(weights)), strict=True)
+    model.load_state_dict(load_safetensors(weights), strict=True)
     return model

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from calm_dist.training.metrics import read_metrics
 from calm_dist.sweep.plan import read_plan
 from calm_dist.sweep.state import checkpoint_step, sweep_states
 
@@ -26,11 +27,7 @@ def last_records(metrics_file: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     train: dict[str, Any] = {}
     evaluation: dict[str, Any] = {}
     if metrics_file.is_file():
-        for line in metrics_file.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line cut by a crash
+        for record in read_metrics(metrics_file):
             if record.get("kind") == "train" and record.get("loss") is not None:
                 train = record
             elif record.get("kind") == "eval":

@@ -20,6 +20,7 @@ from calm_dist.config import (
     ConfigError, JobConfig, config_from_dict, config_to_dict, load_config, save_config, validate,
 )
 from calm_dist.sweep.spec import OVERRIDE_PREFIX, SweepError, SweepSpec, override_text
+from calm_dist.training.run_dir import mark_run_dir
 
 PLAN_FILE = "plan.json"
 POINT_FILE = "point.json"
@@ -152,7 +153,7 @@ def write_plan(spec: SweepSpec, out_dir: Path, force: bool = False) -> list[dict
                          f"to rewrite the plan (run outputs are kept)")
     for p in points:
         d = out_dir / p["name"]
-        d.mkdir(parents=True, exist_ok=True)
+        mark_run_dir(d)  # the point's training.output_dir: calm-dist's own, config.yaml included
         save_config(config_from_dict(p["config"]), d / "config.yaml")
         (d / POINT_FILE).write_text(json.dumps(_jsonable(p), indent=2) + "\n")
     shutil.copyfile(spec.source, out_dir / "sweep.yaml")

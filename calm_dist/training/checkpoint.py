@@ -9,13 +9,22 @@ Layout of `save_dir` (DeepSpeed's own, so its tools keep working):
         zero_pp_rank_R_mp_rank_00_optim_states.pt    (stage <= 2: mp_rank_00_model_states.pt)
         rank_00000.pt ...     ours: each rank's resume state (data position, RNG), weights_only-loadable
         meta.json             ours: step, world size and the trainer's metadata (config, counters, ...)
+        manifest.json         ours: size and sha256 of every other file (checkpoint_integrity.py)
+    global_stepM.damaged      a checkpoint that failed verification, renamed aside (never deleted)
 
 Atomicity (a process killed at any moment leaves the previous checkpoint usable):
 1. every rank writes into `global_stepN.partial/` (DeepSpeed files, then its rank file via a temp
    name and `os.replace`); a barrier;
-2. rank 0 writes `meta.json` (temp + replace), renames the directory to `global_stepN` and then
-   replaces `latest` (temp + replace); a barrier.
+2. rank 0 writes `meta.json` (temp + replace); every rank hashes a share of the files and rank 0
+   writes `manifest.json`, renames the directory to `global_stepN` and then replaces `latest`
+   (temp + replace); a barrier.
 So a `global_stepN` directory is always complete, and `latest` only ever names a complete one.
+Before anything is written, weights and optimizer states are checked finite (a non-finite state
+is never saved, so it can neither become `latest` nor prune a good checkpoint) and, from the size
+of the previous checkpoint, that the filesystem has room. A save that fails anyway removes its
+`.partial` and says why in one line; the previous checkpoint and `latest` are untouched.
+Resuming verifies the checkpoint against its manifest first; a damaged one is renamed aside and
+the newest one that verifies is used instead (`training.resume_fallback`).
 Leftover `*.partial` (and `*.stale`, directories being deleted) are removed when a manager starts.
 The guarantee is against dying processes on a shared filesystem; it assumes DeepSpeed's default,
 synchronous checkpoint engine (a decoupled one is refused).
@@ -23,6 +32,7 @@ synchronous checkpoint engine (a decoupled one is refused).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -37,6 +47,14 @@ import torch
 import torch.distributed as dist
 
 from calm_dist.config import flatten_config
+from calm_dist.training.checkpoint_integrity import (
+    CheckpointDamaged,
+    NonFiniteState,
+    checkpoint_bytes,
+    global_non_finite,
+    verify_checkpoint,
+    write_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +63,7 @@ META = "meta.json"
 PARTIAL = ".partial"  # suffix of a directory being written
 STALE = ".stale"  # suffix of a directory being deleted
 RETIRED = ".retired"  # suffix of a complete checkpoint replaced by a re-save of its step
+DAMAGED = ".damaged"  # suffix of a checkpoint that failed verification, kept for inspection
 _TAG = re.compile(r"^global_step(\d+)$")
 
 # Fields whose change makes saved weights or optimizer state unusable (dotted config names).
@@ -62,8 +81,16 @@ class CheckpointMismatch(ValueError):
     """The checkpoint was written with a configuration these weights cannot be loaded into."""
 
 
+class CheckpointSaveError(RuntimeError):
+    """A save could not be completed (disk full, unwritable directory, ...); nothing was lost."""
+
+
 def tag_for(step: int) -> str:
     return f"global_step{step}"
+
+
+def _step_of(tag: str) -> int:
+    return int(_TAG.match(tag).group(1))
 
 
 def rank_file(rank: int) -> str:
@@ -129,6 +156,56 @@ class CheckpointManager:
         )  # fmt: skip
         return tags[-1]
 
+    def resolve_verified(self, load_step: int = -1, fallback: bool = True) -> str | None:
+        """`resolve`, then the checkpoint verified against its manifest (a collective). A damaged
+        one is renamed aside to `<tag>.damaged` and, with `fallback` and no explicit `load_step`,
+        the newest older one that verifies is used instead, saying loudly which and why. Without
+        `fallback` (or for an explicit step) a damaged checkpoint is an error naming the file."""
+        tag = self.resolve(load_step)
+        while tag is not None:
+            try:
+                if not verify_checkpoint(self.save_dir / tag):
+                    logger.warning("%s has no manifest (written by an older calm-dist): loading it unverified",
+                                   self.save_dir / tag)
+                return tag
+            except CheckpointDamaged as damage:
+                if not fallback or load_step >= 0:
+                    raise CheckpointDamaged(
+                        f"{damage}. Resume from an older checkpoint with training.load_step=N, or set "
+                        "training.resume_fallback=true to do so automatically"
+                    ) from damage
+                aside = self.quarantine(tag)
+                older = [t for t in self.tags() if _step_of(t) < _step_of(tag)]
+                if self.rank == 0:
+                    logger.error("CHECKPOINT DAMAGED: %s; renamed it to %s (kept for inspection) and resuming "
+                                 "from %s instead", damage, aside, older[-1] if older else "nothing")
+                if not older:
+                    raise CheckpointDamaged(
+                        f"{damage}; no older checkpoint in {self.save_dir} to fall back to (the damaged one "
+                        f"is kept as {aside}): start a new run in another training.output_dir"
+                    ) from damage
+                tag = older[-1]
+        return None
+
+    def quarantine(self, tag: str) -> Path:
+        """Rename a damaged checkpoint aside (rank 0; a collective), point `latest` at the newest
+        complete one left. The files are kept, never deleted."""
+        aside = None
+        if self.rank == 0:
+            aside, number = self.save_dir / (tag + DAMAGED), 1
+            while aside.exists():
+                number += 1
+                aside = self.save_dir / f"{tag}{DAMAGED}{number}"
+            os.rename(self.save_dir / tag, aside)
+            remaining = self.tags()
+            if remaining:
+                _write_atomic(self.save_dir / LATEST, lambda f: f.write(remaining[-1].encode()))
+        if _distributed():
+            shared = [aside]
+            dist.broadcast_object_list(shared, src=0)  # also the barrier: the rename is done
+            aside = shared[0]
+        return aside
+
     def read_meta(self, tag: str) -> dict:
         path = self.save_dir / tag / META
         if not path.is_file():
@@ -142,24 +219,38 @@ class CheckpointManager:
 
         `meta` must be JSON-serialisable (rank 0's copy is written); `rank_state` holds tensors and
         plain containers only (read back with `weights_only=True`). Returns the checkpoint's path.
+        Raises NonFiniteState (nothing written) when weights or optimizer states are not finite,
+        CheckpointSaveError when the files cannot be written (the partial save removed).
         """
         if engine.checkpoint_engine.is_decoupled():
             raise ValueError("a decoupled (asynchronous) DeepSpeed checkpoint engine breaks atomic saves")
         started = time.perf_counter()
         tag = tag_for(step)
         partial = self.save_dir / (tag + PARTIAL)
+        self._check_finite(engine, step)
+        self._check_room(tag)
         if self.rank == 0:
             self.save_dir.mkdir(parents=True, exist_ok=True)
             _remove_dir(partial)  # left by an earlier failed save of this step in this process
         _barrier()
 
-        engine.save_checkpoint(str(self.save_dir), tag=partial.name, client_state={"step": step}, save_latest=False)
-        _write_atomic(partial / rank_file(self.rank), lambda f: torch.save(rank_state, f))
-        _barrier()  # every rank's files are on disk
-
+        try:
+            engine.save_checkpoint(str(self.save_dir), tag=partial.name, client_state={"step": step}, save_latest=False)
+            _write_atomic(partial / rank_file(self.rank), lambda f: torch.save(rank_state, f))
+        except Exception as exc:
+            # Fail fast, without a collective: the other ranks may be inside one of DeepSpeed's,
+            # and the launcher ends them when this process exits.
+            raise self._save_failed(tag, partial, exc) from exc
+        try:
+            _barrier()  # every rank's files are on disk
+            if self.rank == 0:
+                full_meta = {**meta, "step": step, "world_size": self.world_size}
+                _write_atomic(partial / META, lambda f: f.write(json.dumps(full_meta, indent=2).encode()))
+            _barrier()
+            write_manifest(partial, lambda path, data: _write_atomic(path, lambda f: f.write(data)))
+        except Exception as exc:  # here a peer that failed shows as a collective's error
+            raise self._save_failed(tag, partial, exc, peer=not isinstance(exc, OSError)) from exc
         if self.rank == 0:
-            full_meta = {**meta, "step": step, "world_size": self.world_size}
-            _write_atomic(partial / META, lambda f: f.write(json.dumps(full_meta, indent=2).encode()))
             if self._before_commit is not None:
                 self._before_commit()
             self._commit(partial, self.save_dir / tag)
@@ -168,6 +259,60 @@ class CheckpointManager:
         if self.rank == 0:
             logger.info("saved checkpoint %s in %.1f s", self.save_dir / tag, time.perf_counter() - started)
         return str(self.save_dir / tag)
+
+    def _last_good(self) -> str:
+        tags = self.tags()
+        return f"{self.save_dir / tags[-1]}" if tags else f"none yet in {self.save_dir}"
+
+    def _check_finite(self, engine, step: int) -> None:
+        """Refuse (on every rank) to save weights or optimizer moments that hold NaN or inf."""
+        bad = global_non_finite(engine)
+        if bad["weights"] or bad["optimizer"]:
+            raise NonFiniteState(
+                f"not saving step {step}: {bad['weights']} non-finite weights and {bad['optimizer']} non-finite "
+                f"optimizer-state values (the run diverged or its state was damaged). The last good checkpoint "
+                f"is {self._last_good()} (nothing was deleted); resume from it, e.g. with a lower optimizer.lr"
+            )
+
+    def _check_room(self, tag: str) -> None:
+        """Refuse (on every rank, before writing) a save the filesystem has no room for, judged from
+        the size of the newest checkpoint (the first save has none to judge from)."""
+        message = None
+        tags = self.tags()
+        if self.rank == 0 and tags and self.save_dir.is_dir():
+            needed = checkpoint_bytes(self.save_dir / tags[-1])
+            free = shutil.disk_usage(self.save_dir).free
+            if needed is not None and free < needed * 1.05 + (1 << 20):
+                message = (
+                    f"cannot save {tag} in {self.save_dir}: it needs about {_mb(needed)} (the size of {tags[-1]}) "
+                    f"and {_mb(free)} are free on that filesystem. Nothing was written; {tags[-1]} and "
+                    f"'{LATEST}' are untouched. Free space (or lower training.keep_last), then rerun: the run "
+                    f"resumes from {tags[-1]}"
+                )
+        if _distributed():
+            shared = [message]
+            dist.broadcast_object_list(shared, src=0)
+            message = shared[0]
+        if message:
+            raise CheckpointSaveError(message)
+
+    def _save_failed(self, tag: str, partial: Path, exc: Exception, peer: bool = False) -> CheckpointSaveError:
+        """One clear line for a failed save (cause, path, free space); the partial save removed.
+        `peer`: the error came from a collective, i.e. most likely another rank failed."""
+        usage = shutil.disk_usage(self.save_dir) if self.save_dir.is_dir() else None
+        full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC or (
+            usage is not None and usage.free < max(1 << 20, usage.total // 100))
+        if peer:
+            cause = f"another rank stopped during the save (its own line says why; here: {type(exc).__name__})"
+        else:
+            cause = "no space left on the device" if full else f"{type(exc).__name__}: {exc}"
+        free = f"{_mb(usage.free)} free" if usage is not None else "free space unknown"
+        shutil.rmtree(partial, ignore_errors=True)  # its bytes would keep the disk full
+        return CheckpointSaveError(
+            f"saving {tag} in {self.save_dir} failed on rank {self.rank}: {cause} ({free} on that filesystem "
+            f"before the partial save was removed). The previous checkpoint ({self._last_good()}) and "
+            f"'{LATEST}' are untouched; fix the cause, then rerun to resume from it"
+        )
 
     def _commit(self, partial: Path, final: Path) -> None:
         stale = None
@@ -200,7 +345,7 @@ class CheckpointManager:
                 # retired copy is complete and the only one, so it comes back.
                 logger.warning("restoring %s, retired by an interrupted re-save", complete.name)
                 os.rename(entry, complete)
-            elif entry.is_dir() and entry.name.endswith((PARTIAL, STALE, RETIRED)):
+            elif entry.is_dir() and entry.name.endswith((PARTIAL, STALE, RETIRED)) and DAMAGED not in entry.name:
                 logger.warning("removing %s, left by an interrupted save", entry)
                 _remove_dir(entry)
             elif entry.is_file() and entry.name.startswith(LATEST + ".tmp"):
@@ -232,6 +377,21 @@ class CheckpointManager:
 
         if load_optimizer:
             check_optimizer_groups(meta.get("config", {}), path)
+        try:
+            loaded = self._load_engine(engine, path, tag, load_optimizer)
+        except (CheckpointMismatch, FileNotFoundError):
+            raise
+        except Exception as exc:  # a damaged file a manifest did not cover (an older checkpoint)
+            raise CheckpointDamaged(f"{path} could not be loaded on rank {self.rank} "
+                                    f"({type(exc).__name__}: {exc}): the checkpoint is damaged") from exc
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed could not load {path} (see its log above)")
+        if self.rank == 0:
+            logger.info("loaded checkpoint %s (optimizer state: %s)", path, "yes" if load_optimizer else "no")
+        return meta, rank_state
+
+    def _load_engine(self, engine, path: Path, tag: str, load_optimizer: bool):
+        if load_optimizer:
             loaded, _ = engine.load_checkpoint(str(self.save_dir), tag=tag)
         else:
             # DeepSpeed 0.19.8 under ZeRO-3 without optimizer states reads the weights of the
@@ -242,11 +402,7 @@ class CheckpointManager:
                 loaded, _ = engine.load_checkpoint(
                     view, tag=tag, load_optimizer_states=False, load_lr_scheduler_states=False
                 )
-        if loaded is None:
-            raise RuntimeError(f"DeepSpeed could not load {path} (see its log above)")
-        if self.rank == 0:
-            logger.info("loaded checkpoint %s (optimizer state: %s)", path, "yes" if load_optimizer else "no")
-        return meta, rank_state
+        return loaded
 
     def _read_rank_state(self, path: Path) -> dict:
         error = None
@@ -345,6 +501,10 @@ def _remove_dir(path: Path) -> None:
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def _mb(size: int) -> str:
+    return f"{size / 2**20:.1f} MB"
 
 
 def _barrier() -> None:

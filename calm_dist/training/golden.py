@@ -13,9 +13,10 @@ from pathlib import Path
 
 def run_losses(run_dir: str | Path) -> dict[int, float]:
     """Per-step training loss from a run's metrics.jsonl (the last record of a step wins)."""
+    from calm_dist.training.metrics import read_metrics
+
     losses = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
+    for record in read_metrics(Path(run_dir) / "metrics.jsonl"):
         if record.get("kind") == "train" and record.get("loss") is not None:
             losses[int(record["step"])] = float(record["loss"])
     return losses

@@ -19,7 +19,7 @@ _SKIPPED_PREFIX = "autoencoder."
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    from calm_dist.weights_file import load_safetensors
 
     path = Path(path)
     file = path / "model.safetensors" if path.is_dir() else path
@@ -28,7 +28,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
             f"training.init_weights: {file} does not exist; point it at a calm-convert output directory "
             "or a .safetensors file"
         )
-    return {k: v for k, v in load_file(str(file)).items() if not k.startswith(_SKIPPED_PREFIX)}
+    return {k: v for k, v in load_safetensors(file).items() if not k.startswith(_SKIPPED_PREFIX)}
 
 
 def load_initial_weights(model: nn.Module, path: str | Path, layer_offset: int = 0, tp_rank: int = 0,

@@ -159,7 +159,11 @@ class MetricsLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if logging_cfg.jsonl:
-            self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+            path = self.run_dir / "metrics.jsonl"
+            torn = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+            self._jsonl = open(path, "a", encoding="utf-8")
+            if torn:  # a run killed mid-line: its fragment stays on a line of its own
+                self._jsonl.write("\n")
         if logging_cfg.tensorboard:
             self._tensorboard = self._open_tensorboard(start_step)
         if logging_cfg.wandb:
@@ -269,3 +273,14 @@ class MetricsLogger:
             self._bar.write(text, file=sys.stdout)
         else:
             print(text, flush=True)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl, in order; a line cut by a killed run is left out."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records

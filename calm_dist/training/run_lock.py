@@ -8,19 +8,33 @@ life of the run, and a second launch is refused before it touches anything.
 A lock left by a run that died is taken over when it is provably stale: the same SLURM job id (a
 requeued job: its earlier incarnation is gone) or, on the same host, a pid that no longer runs.
 Otherwise the message says how to remove it by hand.
+
+The lock appears whole or not at all: its content is written to a temporary file first, which is
+then hard-linked to the lock's name (an exclusive create). So a full disk cannot leave an empty
+lock behind; an empty or unreadable one (from an older calm-dist) is taken over. A pid that is a
+zombie counts as gone, and a live holder on this host is waited for a few seconds before the
+launch is refused: right after `kill -9`, rank 0 can still be exiting.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
 
 import torch.distributed as dist
 
+from calm_dist.training.run_dir import foreign_entries, mark_run_dir, refusal
+
+logger = logging.getLogger(__name__)
+
 LOCK_NAME = ".run.lock"
+HOLDER_WAIT_S = 10.0  # how long a live holder on this host may take to exit before a refusal
 
 
 def _identity() -> dict:
@@ -29,14 +43,20 @@ def _identity() -> dict:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host."""
+    """Whether a process with this pid runs on this host (a zombie, dead but not yet reaped, does not)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # exists, owned by someone else
-    return True
+        pass  # exists, owned by someone else
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): existence is all we can tell
+    return state not in ("Z", "X")
 
 
 def _stale(holder: dict, me: dict) -> bool:
@@ -47,38 +67,83 @@ def _stale(holder: dict, me: dict) -> bool:
 
 class RunLock:
     """`with RunLock(output_dir, rank):` around a run; a collective on entry (every rank raises
-    the same error when the directory is taken)."""
+    the same error when the directory is taken, or is not a calm-dist output directory)."""
 
-    def __init__(self, run_dir: str | os.PathLike, rank: int):
+    def __init__(self, run_dir: str | os.PathLike, rank: int, holder_wait_s: float = HOLDER_WAIT_S):
         self.path = Path(run_dir) / LOCK_NAME
         self.rank = rank
+        self.holder_wait_s = holder_wait_s
         self.held = False
         self.created_dir = False  # made by us: removed again if the run leaves it empty
 
     def _try_acquire(self) -> str | None:
         """Rank 0: take the lock; None on success, else why not."""
         me = _identity()
-        self.created_dir = not self.path.parent.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):  # a second try after removing a stale lock
+        run_dir = self.path.parent
+        foreign = foreign_entries(run_dir)
+        if foreign:
+            return refusal(run_dir, foreign)
+        self.created_dir = not run_dir.exists()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        waited_until = time.monotonic() + self.holder_wait_s
+        while True:
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._create(me)
             except FileExistsError:
-                try:
-                    holder = json.loads(self.path.read_text() or "{}")
-                except (OSError, ValueError):
-                    holder = {}
-                if holder and _stale(holder, me):
+                holder = self._read_holder()
+                if holder == {}:
+                    continue  # released between our attempt and the read
+                if holder is None or _stale(holder, me):
+                    logger.warning("taking over %s, left by a run that is gone (%s)", self.path,
+                                   holder or "empty or unreadable")
                     self.path.unlink(missing_ok=True)
                     continue
-                return (f"{self.path.parent} is in use by another run ({holder or 'unreadable lock'}): two runs "
-                        f"writing one training.output_dir would destroy each other's checkpoints. Choose another "
+                if self._may_still_exit(holder, me) and time.monotonic() < waited_until:
+                    time.sleep(0.5)
+                    continue
+                return (f"{run_dir} is in use by another run ({holder}): two runs writing one "
+                        f"training.output_dir would destroy each other's checkpoints. Choose another "
                         f"training.output_dir, or, if no run is using it any more, delete {self.path}")
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(me))
+            except OSError as err:
+                return self._unwritable(err)
             self.held = True
+            try:
+                mark_run_dir(run_dir)
+            except OSError as err:
+                return self._unwritable(err)
             return None
-        return f"could not take {self.path}"
+
+    def _create(self, me: dict) -> None:
+        """The lock with its whole content, or FileExistsError: written aside, then hard-linked."""
+        tmp = self.path.with_name(f"{LOCK_NAME}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w") as f:
+                f.write(json.dumps(me))
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _read_holder(self) -> dict | None:
+        try:
+            holder = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}  # released between our try and this read: try again
+        except (OSError, ValueError):
+            return None
+        return holder if isinstance(holder, dict) and holder else None
+
+    @staticmethod
+    def _may_still_exit(holder: dict, me: dict) -> bool:
+        """A live holder on this host, not this process: it may be on its way out."""
+        return holder.get("host") == me["host"] and int(holder.get("pid", -1)) != me["pid"]
+
+    def _unwritable(self, err: OSError) -> str:
+        free = shutil.disk_usage(self.path.parent).free if self.path.parent.exists() else 0
+        cause = "no space left on the device" if err.errno == errno.ENOSPC else f"{type(err).__name__}: {err}"
+        self._release()
+        return f"cannot write the run lock {self.path}: {cause} ({free / 2**20:.1f} MB free); nothing else was written"
 
     def __enter__(self) -> "RunLock":
         error = self._try_acquire() if self.rank == 0 else None
@@ -91,9 +156,15 @@ class RunLock:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._release()
+
+    def _release(self) -> None:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
-            if self.created_dir and not any(self.path.parent.iterdir()):
-                self.path.parent.rmdir()  # a refused run leaves no trace
+        run_dir = self.path.parent
+        if self.created_dir and run_dir.is_dir():
+            left = [e for e in run_dir.iterdir() if e.name != ".calm-dist-run"]
+            if not left:  # a refused or empty run leaves no trace
+                shutil.rmtree(run_dir, ignore_errors=True)
 

@@ -22,6 +22,7 @@ from calm_dist.config import config_to_dict, save_config
 from calm_dist.config.schema import JobConfig
 from calm_dist.parallel.launch import DistInfo
 from calm_dist.training import stages
+from calm_dist.training.checkpoint_integrity import NonFiniteState
 from calm_dist.training.engine import build_ds_config, create_engine
 from calm_dist.training.evaluate import evaluate, rank_slice
 
@@ -73,6 +74,37 @@ def check_data_matches_model(cfg: JobConfig) -> None:
             check_tokenizer(index, load_tokenizer(cfg.data.tokenizer))
 
 
+def check_shard_files(cfg: JobConfig, rank: int, world_size: int) -> None:
+    """Every shard present with its indexed size (data.verify=full: also read and checksummed, the
+    shards split over the ranks), before any model is built. A damaged training shard is an error
+    naming it, or with data.skip_corrupt a warning (it is skipped, and counted, when reached)."""
+    from calm_dist.data.index import load_index
+    from calm_dist.data.shards import CorruptShardError, check_shard_sizes, verify_shards
+
+    for split, path in (("train", cfg.data.train_path), ("valid", cfg.data.valid_path)):
+        if not path:
+            continue
+        index = load_index(path)
+        problems = [str(e) for e in check_shard_sizes(index)]
+        if cfg.data.verify == "full":
+            local = [str(e) for e in verify_shards(index, (rank, world_size))]
+            if dist.is_initialized() and world_size > 1:
+                parts: list = [None] * world_size
+                dist.all_gather_object(parts, local)
+                local = [line for part in parts for line in part]
+            problems = sorted(set(problems) | set(local))
+        if not problems:
+            continue
+        if split == "train" and cfg.data.skip_corrupt:
+            if rank == 0:
+                for line in problems:
+                    logger.warning("damaged shard, skipped when reached (data.skip_corrupt): %s", line)
+            continue
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CorruptShardError(f"{problems[0]}{more}; or set data.skip_corrupt=true to train without the "
+                                "damaged training shards")
+
+
 def checkpoint_meta(cfg: JobConfig, state: TrainState, world_size: int, ds_config: dict | None) -> dict:
     """What every checkpoint's meta.json holds besides the step: the config, the counters, the
     parallel layout (the converter reads it to merge shards) and the code version."""
@@ -101,7 +133,8 @@ class Trainer:
             self.run_dir / "checkpoints", cfg.training.keep_last, info.rank, info.world_size
         )
         # Everything that can fail on bad input fails here, before a model exists.
-        self.resume_tag = self.checkpoints.resolve(cfg.training.load_step) if cfg.training.resume else None
+        self.resume_tag = (self.checkpoints.resolve_verified(cfg.training.load_step, cfg.training.resume_fallback)
+                           if cfg.training.resume else None)
         if self.resume_tag:
             check_compatible(self.checkpoints.read_meta(self.resume_tag)["config"], config_to_dict(cfg))
         elif self.checkpoints.tags():
@@ -110,6 +143,7 @@ class Trainer:
                 "off: choose a new training.output_dir (nothing there was touched)"
             )
         check_data_matches_model(cfg)
+        check_shard_files(cfg, info.rank, info.world_size)
         from calm_dist.parallel.state import current_layout, ensure_model_parallel
 
         par = cfg.parallel
@@ -199,13 +233,12 @@ class Trainer:
         logger.info("resumed from %s at step %d", tag, self.state.step)
 
     # -- one optimizer step ----------------------------------------------------------------------
-    def _count_bad_step(self, bad_in_a_row: int) -> None:
-        logger.warning("non-finite loss at step %d: skipped (%d in a row)", self.state.step + 1, bad_in_a_row)
+    def _count_bad_step(self, bad_in_a_row: int, what: str = "non-finite loss") -> None:
+        logger.warning("%s at step %d: skipped (%d in a row)", what, self.state.step + 1, bad_in_a_row)
         if bad_in_a_row >= self.cfg.training.max_bad_steps:
             raise TrainingStopped(
-                f"{bad_in_a_row} non-finite losses in a row at step {self.state.step + 1}: the run is "
-                "diverging (lower optimizer.lr, raise optimizer.warmup_steps, or check the data); the "
-                "weights of the last completed step are checkpointed"
+                f"{bad_in_a_row} non-finite losses or gradients in a row at step {self.state.step + 1}: the run is "
+                "diverging (lower optimizer.lr, raise optimizer.warmup_steps, or check the data)"
             )
 
     def _finish_step(self) -> None:
@@ -232,13 +265,21 @@ class Trainer:
                 bad_in_a_row += 1
                 self._count_bad_step(bad_in_a_row)
                 continue
-            bad_in_a_row = 0
             engine.backward(out.loss)
             engine.step()
             losses.append(out.loss.item())
             for key, value in stages.step_metrics(cfg, out).items():
                 extras[key] = extras.get(key, 0.0) + value / accum
             done += 1
+            if done == accum and not engine.was_step_applied():
+                # Finite losses, non-finite gradients: DeepSpeed dropped the step on every rank (its
+                # global norm is not finite) and cleared the gradients; the next batches take its place.
+                self.state.skipped_batches += accum
+                bad_in_a_row += 1
+                self._count_bad_step(bad_in_a_row, "non-finite gradients")
+                losses, extras, done = [], {}, 0
+            elif done == accum:
+                bad_in_a_row = 0  # "in a row": since the last step that was applied
         self._finish_step()
         grad_norm = engine.get_global_grad_norm()
         # "lr": the largest of the per-module-group lrs (a delayed or scaled group may be group 0).
@@ -331,9 +372,13 @@ class Trainer:
             while self.state.step < cfg.training.train_steps:
                 try:
                     step_metrics = self.train_step(batches)
-                except TrainingStopped:
-                    self.save()
-                    raise
+                except TrainingStopped as stopped:
+                    try:
+                        saved = self.save()
+                    except NonFiniteState as refused:  # the weights are gone too: keep the good ones
+                        raise TrainingStopped(f"{stopped}; {refused}") from None
+                    raise TrainingStopped(f"{stopped}; the weights of step {self.state.step} are "
+                                          f"checkpointed in {saved}") from None
                 window_steps += 1
                 step = self.state.step
                 if step % cfg.logging.log_interval == 0 or step == cfg.training.train_steps:
