@@ -231,11 +231,20 @@ def test_bad_input_gives_clear_errors(ae_run, ae_converted, tmp_path, capsys):
 
     truncated = _copy_checkpoints(ae_run, tmp_path / "truncated", ["global_step4"], latest="global_step4")
     shard = truncated / "global_step4" / "zero_pp_rank_1_mp_rank_00_model_states.pt"
-    os.truncate(shard, shard.stat().st_size // 2)
-    with pytest.raises(ConversionError, match=f"shard {shard} is truncated"):
+    whole = shard.stat().st_size
+    os.truncate(shard, whole // 2)
+    with pytest.raises(ConversionError, match=f"{shard} has {whole // 2} bytes, the manifest says {whole}: truncated"):
         convert_checkpoint(truncated, tmp_path / "out")
     lost = _copy_checkpoints(ae_run, tmp_path / "lost", ["global_step4"], latest="global_step4")
-    (lost / "global_step4" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    optim = lost / "global_step4" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    optim.unlink()
+    with pytest.raises(ConversionError, match=f"{optim} is missing \\(the manifest lists it\\)"):
+        convert_checkpoint(lost, tmp_path / "out")
+    # A checkpoint from before manifests: the structural checks still name the file.
+    for copy in (truncated, lost):
+        (copy / "global_step4" / "manifest.json").unlink()
+    with pytest.raises(ConversionError, match=f"shard {shard} is truncated"):
+        convert_checkpoint(truncated, tmp_path / "out")
     with pytest.raises(ConversionError, match="written by 2 ranks but holds 1"):
         convert_checkpoint(lost, tmp_path / "out")
 

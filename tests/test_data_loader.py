@@ -280,3 +280,44 @@ def test_remote_shards_through_a_pipe_url_give_the_same_batches(ragged):
     assert torch.equal(read_eval_blocks(url, 16), read_eval_blocks(ragged.directory, 16))
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_index("pipe:cat /nowhere/{shard}")
+
+
+def test_flipped_token_bytes_fail_the_checksum_and_can_be_skipped_and_counted(even, tmp_path, caplog):
+    """A bit flipped inside a document's ids keeps the shard a valid tar of the right size: only the
+    index's sha256 sees it. Reading names the shard; skip_corrupt skips and counts it."""
+    from calm_dist.data.shards import read_shard
+
+    index = _copy(even, tmp_path)
+    bad = index.shard_path(2)
+    data = bytearray(bad.read_bytes())
+    data[650] ^= 0x01  # the first document's ids (tar header 512 B, npy header 128 B)
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CorruptShardError, match=bad.name + ".*do not match the sha256"):
+        read_shard(bad, index.shards[2])
+    skipping = build_train_loader(index.directory, BLOCK, MB, 0, 1, 0, seed=0, skip_corrupt=True)
+    with caplog.at_level(logging.WARNING):
+        batches = take(skipping, skipping.batches_per_epoch())
+    assert skipping.skipped_shards >= 1 and bad.name in caplog.text
+    served = {doc for batch in batches for doc in doc_of(batch)}
+    assert not served & set(range(12, 18))  # none of the damaged shard's 6 documents was trained on
+
+
+def test_a_token_id_outside_the_vocabulary_names_the_shard_and_the_sample(tmp_path, capsys):
+    """Ids beyond the vocabulary in a shard whose index is consistent (so no checksum catches it):
+    an error naming the shard and the sample, from the reader and from calm-prepare-data verify."""
+    from calm_dist.data.prepare import main as prepare_main
+    from calm_dist.data.shards import read_shard, verify_shards
+
+    fields = {"tokenizer_name": "synthetic", "tokenizer_fingerprint": "synthetic0000000", "vocab_size": 100,
+              "bos_id": BOS, "eos_id": BOS, "pad_id": PAD, "dtype": "uint16", "split": "train", "settings": {}}
+    writer = ShardWriter(tmp_path / "train", "train", fields, shard_tokens=1 << 30)
+    for doc in range(8):
+        writer.add(np.full(10, 150 if doc == 5 else 7), f"doc {doc}")
+    index = writer.finish()
+    with pytest.raises(CorruptShardError, match=r"train-000000.tar: sample 0000000005 holds token id 150, "
+                                                r"outside the vocabulary of 100"):
+        read_shard(index.shard_path(0), index.shards[0], index.vocab_size)
+    assert len(verify_shards(index)) == 1
+    assert prepare_main(["verify", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "DAMAGED" in out and "sample 0000000005" in out and "1 damaged" in out

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from tests.dist_utils import REPO_ROOT, free_port
-from tests.train_utils import TINY, child_env, prepared_corpus_overrides, train
+from tests.train_utils import TINY, child_env, prepared_corpus_overrides
 
 PRESET = "tiny_autoencoder"
 STEPS = 8
@@ -192,6 +192,10 @@ ls -a {mount}/run/checkpoints > {logs}/first.ls 2>&1
 mount -o remount,size={medium}k {mount}
 {launch} > {logs}/second.log 2>&1; echo $? > {logs}/second.rc
 ls -a {mount}/run {mount}/run/checkpoints > {logs}/second.ls 2>&1
+dd if=/dev/zero of={mount}/filler bs=64k > /dev/null 2>&1
+{launch} > {logs}/lock.log 2>&1; echo $? > {logs}/lock.rc
+ls -a {mount}/run > {logs}/lock.ls 2>&1
+rm {mount}/filler
 mount -o remount,size=65536k {mount}
 {launch} > {logs}/third.log 2>&1; echo $? > {logs}/third.rc
 cp -r {mount}/run {logs}/run
@@ -201,7 +205,8 @@ cp -r {mount}/run {logs}/run
 def test_disk_full_during_saves_loses_nothing_and_the_next_launch_resumes(data, reference, tmp_path):
     """On a real full filesystem (a tmpfs in a private mount namespace): the first save cannot be
     written (one line: no space, the path, free space; the partial removed), the second is refused
-    before writing (it would not fit beside the first), and once space exists the same command
+    before writing (it would not fit beside the first), a launch on a completely full disk cannot
+    even write its lock (one line, no empty lock left), and once space exists the same command
     resumes without a person and ends with the uninterrupted run's losses bit for bit."""
     source, ref_losses = reference
     manifest = json.loads((source / "checkpoints" / "global_step8" / "manifest.json").read_text())
@@ -224,6 +229,11 @@ def test_disk_full_during_saves_loses_nothing_and_the_next_launch_resumes(data, 
     assert "cannot save global_step4" in second and "Nothing was written" in second
     listing = (logs / "second.ls").read_text()
     assert "global_step2" in listing and "partial" not in listing and ".run.lock" not in listing
+    # Launched on a completely full disk: the run lock cannot be written, which one line says; no
+    # empty lock is left behind to refuse every later launch.
+    assert (logs / "lock.rc").read_text().strip() != "0"
+    assert "cannot write the run lock" in (logs / "lock.log").read_text()
+    assert ".run.lock" not in (logs / "lock.ls").read_text()
     assert (logs / "third.rc").read_text().strip() == "0", (logs / "third.log").read_text()[-3000:]
     assert "resumed from global_step2" in (logs / "third.log").read_text()
     _assert_same_losses(logs / "run", ref_losses)

@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +66,43 @@ def test_calm_train_refuses_a_directory_another_live_run_holds(tmp_path):
         sleeper.wait()
     proc = train(data, "tiny_autoencoder", out, "training.train_steps=2", "training.eval_steps=0")
     assert not (out / LOCK_NAME).exists() and (out / "checkpoints" / "latest").is_file()
+
+
+def test_an_empty_or_unreadable_lock_is_taken_over(tmp_path):
+    """What an older calm-dist left when the disk filled while it wrote the lock: a 0-byte file."""
+    for content in ("", "{not json"):
+        run = tmp_path / f"run{len(content)}"
+        run.mkdir()
+        (run / LOCK_NAME).write_text(content)
+        with RunLock(run, rank=0):
+            assert json.loads((run / LOCK_NAME).read_text())["pid"] > 0
+
+
+def test_a_zombie_holder_counts_as_gone_and_an_exiting_one_is_waited_for(tmp_path):
+    """Right after kill -9, the killed rank 0 can be a zombie (dead, not yet reaped) or still
+    exiting: the next launch takes the lock instead of refusing it."""
+    import time
+
+    from calm_dist.training.run_lock import pid_alive
+
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 30
+    while Path(f"/proc/{zombie.pid}/stat").read_text().split(")")[1].split()[0] != "Z":
+        assert time.time() < deadline
+        time.sleep(0.05)
+    try:
+        assert not pid_alive(zombie.pid)  # exists for os.kill, yet it is gone
+        _holder(tmp_path / "zombie", pid=zombie.pid)
+        with RunLock(tmp_path / "zombie", rank=0, holder_wait_s=0):
+            pass
+    finally:
+        zombie.wait()
+
+    exiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+    try:
+        _holder(tmp_path / "exiting", pid=exiting.pid)
+        started = time.time()
+        with RunLock(tmp_path / "exiting", rank=0, holder_wait_s=30):
+            assert 1.0 < time.time() - started < 30  # waited for it, then took over
+    finally:
+        exiting.wait()

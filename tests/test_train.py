@@ -68,6 +68,18 @@ def test_language_model_stages_on_two_ranks(data, autoencoder, tmp_path, stage):
         assert final["ppl"] > 1
 
 
+def test_how_often_calm_evaluates_does_not_change_its_training(data, autoencoder, tmp_path):
+    """CALM's evaluation draws noise (head samples, BrierLM rollouts) from its own seeded streams:
+    evaluating at every step or never gives the same training losses, bit for bit."""
+    common = ["training.train_steps=3", "training.save_interval=3", "optimizer.warmup_steps=0",
+              f"training.autoencoder_path={autoencoder / 'autoencoder'}"]
+    train(data, "tiny_calm", tmp_path / "every", *common, "training.eval_interval=1")
+    train(data, "tiny_calm", tmp_path / "never", *common, "training.eval_steps=0")
+    every, never = losses(tmp_path / "every"), losses(tmp_path / "never")
+    assert sorted(every) == [1, 2, 3] and every == never
+    assert sum('"eval"' in line for line in (tmp_path / "every" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
 def test_kill_and_resume_gives_the_same_losses_bit_for_bit(data, autoencoder, tmp_path):
     common = ["training.train_steps=30", "training.save_interval=4", "training.eval_steps=0",
               f"training.autoencoder_path={autoencoder / 'autoencoder'}"]
@@ -146,11 +158,13 @@ def test_bad_input_fails_before_training_with_clear_errors(data, tmp_path):
     preset = tmp_path / "bad.json"
     preset.write_text(json.dumps({"zero_optimization": {"stage": 3}, "zero_optimisation_typo": 1}))
     assert main(base + [f"parallel.ds_preset={preset}"]) == 2
-    # A missing data path (a subprocess: it is found after the process group starts).
-    proc = train(data, "tiny_autoencoder", out, f"data.train_path={tmp_path / 'nowhere'}", check=False)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    # A missing data path (a subprocess: it is found after the process group starts). A refused
+    # run leaves no trace. (A directory with a user's files is refused: tests/test_faults.py.)
+    fresh = tmp_path / "fresh"
+    proc = train(data, "tiny_autoencoder", fresh, f"data.train_path={tmp_path / 'nowhere'}", check=False)
     assert proc.returncode == 2 and "nowhere" in proc.stderr
-    assert (out / "notes.txt").read_text() == "keep me"
-    assert not (out / "checkpoints").exists()
+    assert not fresh.exists()
 
 
 def test_calm_stage_needs_a_trained_autoencoder(data, tmp_path):

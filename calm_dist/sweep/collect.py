@@ -10,7 +10,6 @@ trainer's metrics.jsonl; BrierLM is blank where no evaluation ran.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 

@@ -148,6 +148,8 @@ def write_plan(spec: SweepSpec, out_dir: Path, force: bool = False) -> list[dict
             json.loads((out_dir / p["name"] / POINT_FILE).read_text()) == _jsonable(p) for p in points
             if (out_dir / p["name"] / POINT_FILE).exists())
         if same:
+            for p in points:  # a plan laid out before output directories were marked
+                mark_run_dir(out_dir / p["name"])
             return points
         raise SweepError(f"{out_dir} already holds a different plan ({old}): use another --out, or --force "
                          f"to rewrite the plan (run outputs are kept)")
