@@ -221,3 +221,47 @@ def test_a_checkpoint_retired_by_an_interrupted_resave_comes_back(tmp_path):
     manager = CheckpointManager(save_dir, keep_last=3, rank=0, world_size=1)
     assert manager.tags() == ["global_step3"] and manager.resolve(-1) == "global_step3"
     assert sorted(os.listdir(save_dir)) == ["global_step3", "latest"]
+
+
+def _fake_checkpoint(save_dir, step: int) -> None:
+    """A checkpoint directory as the manager writes one (files, meta.json, manifest.json), without an engine."""
+    import json as _json
+
+    from calm_dist.training.checkpoint import _write_atomic
+    from calm_dist.training.checkpoint_integrity import write_manifest
+
+    path = save_dir / f"global_step{step}"
+    path.mkdir(parents=True)
+    (path / "weights.pt").write_bytes(bytes(range(256)) * (step + 1))
+    (path / "meta.json").write_text(_json.dumps({"step": step, "manifest": 1}))
+    write_manifest(path, lambda target, data: _write_atomic(target, lambda f: f.write(data)))
+    (save_dir / "latest").write_text(f"global_step{step}")
+
+
+def test_verification_falls_back_sets_aside_and_never_restarts_a_run_from_nothing(tmp_path, caplog):
+    """The newest checkpoint damaged: the one before is used and `latest` names it. A manifest
+    that meta.json promises but that is gone is damage too. With every checkpoint set aside, a
+    launch refuses instead of training again from step 0 in the same directory."""
+    from calm_dist.training.checkpoint_integrity import CheckpointDamaged
+
+    save_dir = tmp_path / "checkpoints"
+    for step in (2, 4):
+        _fake_checkpoint(save_dir, step)
+    data = bytearray((save_dir / "global_step4" / "weights.pt").read_bytes())
+    data[7] ^= 1
+    (save_dir / "global_step4" / "weights.pt").write_bytes(bytes(data))
+
+    manager = CheckpointManager(save_dir, keep_last=3, rank=0, world_size=1)
+    with pytest.raises(CheckpointDamaged, match="weights.pt does not match its checksum.*training.load_step=N"):
+        manager.resolve_verified(fallback=False)
+    with caplog.at_level("ERROR"):
+        assert manager.resolve_verified() == "global_step2"
+    assert "CHECKPOINT DAMAGED" in caplog.text and (save_dir / "global_step4.damaged" / "weights.pt").is_file()
+    assert (save_dir / "latest").read_text() == "global_step2"
+
+    (save_dir / "global_step2" / "manifest.json").unlink()
+    with pytest.raises(CheckpointDamaged, match="manifest.json is missing .*no older checkpoint"):
+        manager.resolve_verified()
+    with pytest.raises(CheckpointDamaged, match="holds only damaged checkpoints"):
+        CheckpointManager(save_dir, keep_last=3, rank=0, world_size=1).resolve_verified()
+    assert sorted(p.name for p in save_dir.iterdir()) == ["global_step2.damaged", "global_step4.damaged", "latest"]

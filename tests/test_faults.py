@@ -274,7 +274,8 @@ def test_sigusr1_to_the_ranks_saves_and_torchrun_exits_0(data, tmp_path):
     assert launcher.returncode == 0, stderr[-3000:]
     assert stderr.count("received SIGUSR1") == 2
     step = int((run / "checkpoints" / "latest").read_text().removeprefix("global_step"))
-    assert step > 0 and json.loads((run / "checkpoints" / f"global_step{step}" / "meta.json").read_text())["step"] == step
+    meta = json.loads((run / "checkpoints" / f"global_step{step}" / "meta.json").read_text())
+    assert step > 0 and meta["step"] == step
 
 
 def _kill_at_a_random_moment(launcher: subprocess.Popen, checkpoints: Path, rng: random.Random, in_save: bool) -> bool:

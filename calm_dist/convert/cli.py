@@ -8,7 +8,8 @@
     calm-convert verify runs/x --all                                    # every file against its checksum
 
 Bad input (a path that is not a checkpoint, a missing tag or file, a damaged shard) exits with
-status 2 and one line on stderr; a failed verification exits with 1 and writes nothing.
+status 2 and one line on stderr; a converted model that fails its verification against the
+checkpoint exits with 1 and writes nothing; `verify` exits 2 when anything is damaged.
 """
 
 from __future__ import annotations

@@ -49,6 +49,7 @@ from calm_dist.convert.source import (
     consolidated_weights,
     resolve_checkpoint,
     single_process_config,
+    verify_manifest,
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -102,7 +103,8 @@ def convert_checkpoint(
     if out_dir.exists() and not overwrite:
         raise ConversionError(f"{out_dir} already exists: choose another output or pass --overwrite")
     write_tokenizer = _tokenizer_writer(tokenizer or cfg.data.tokenizer, allow_missing_tokenizer)
-    check_shards(ref)  # before anything is written
+    verify_manifest(ref)  # every file against its checksum, before anything is written
+    check_shards(ref)
     progress(f"converting {ref.path} (stage {cfg.training.stage}, step {meta.get('step')}) to {out_dir} as {dtype}")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

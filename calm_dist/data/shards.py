@@ -213,7 +213,10 @@ def read_shard(path: str | Path, expected: ShardInfo | None = None, vocab_size: 
         path = Path(path)
         if not path.is_file():
             raise CorruptShardError(path, "missing" + (" (the index lists it)" if expected is not None else ""))
-        raw = path.read_bytes()
+        try:
+            raw = path.read_bytes()
+        except OSError as err:
+            raise CorruptShardError(path, f"unreadable ({type(err).__name__}: {err})") from err
     if expected is not None:
         check_shard_bytes(path, raw, expected)
     docs: list[np.ndarray] = []
@@ -223,9 +226,10 @@ def read_shard(path: str | Path, expected: ShardInfo | None = None, vocab_size: 
                 continue
             ids = np.load(io.BytesIO(member["data"]), allow_pickle=False)
             if vocab_size is not None and ids.size and int(ids.max()) >= vocab_size:
-                raise CorruptShardError(path, f"sample {member['fname'].split('.')[0]} holds token id {int(ids.max())}, "
-                                              f"outside the vocabulary of {vocab_size}: damaged, or prepared with "
-                                              "another tokenizer; prepare the data again")
+                sample = member["fname"].split(".")[0]
+                raise CorruptShardError(path, f"sample {sample} holds token id {int(ids.max())}, outside the "
+                                              f"vocabulary of {vocab_size}: damaged, or prepared with another "
+                                              "tokenizer; prepare the data again")
             docs.append(ids)
     except CorruptShardError:
         raise

@@ -178,5 +178,6 @@ def read_plan(sweep_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         pf = sweep_dir / name / POINT_FILE
         if not pf.is_file():
             raise SweepError(f"{pf} is missing: re-run `calm-sweep plan`")
+        mark_run_dir(sweep_dir / name)  # a point laid out before output directories were marked
         points.append(json.loads(pf.read_text()))
     return plan, points

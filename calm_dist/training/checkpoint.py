@@ -48,6 +48,8 @@ import torch.distributed as dist
 
 from calm_dist.config import flatten_config
 from calm_dist.training.checkpoint_integrity import (
+    MANIFEST_VERSION,
+    META,
     CheckpointDamaged,
     NonFiniteState,
     checkpoint_bytes,
@@ -59,7 +61,6 @@ from calm_dist.training.checkpoint_integrity import (
 logger = logging.getLogger(__name__)
 
 LATEST = "latest"
-META = "meta.json"
 PARTIAL = ".partial"  # suffix of a directory being written
 STALE = ".stale"  # suffix of a directory being deleted
 RETIRED = ".retired"  # suffix of a complete checkpoint replaced by a re-save of its step
@@ -119,6 +120,7 @@ class CheckpointManager:
         self._before_commit = before_commit
         if rank == 0 and self.save_dir.is_dir():
             self._remove_leftovers()
+        _barrier()  # every rank then lists the same checkpoints
 
     # ---- finding -------------------------------------------------------------------------------
 
@@ -157,24 +159,32 @@ class CheckpointManager:
         return tags[-1]
 
     def resolve_verified(self, load_step: int = -1, fallback: bool = True) -> str | None:
-        """`resolve`, then the checkpoint verified against its manifest (a collective). A damaged
-        one is renamed aside to `<tag>.damaged` and, with `fallback` and no explicit `load_step`,
-        the newest older one that verifies is used instead, saying loudly which and why. Without
+        """`resolve`, then the checkpoint verified against its manifest (a collective; rank 0
+        decides which checkpoint, every rank shares the checking). A damaged one is renamed aside to
+        `<tag>.damaged` and, with `fallback` and no explicit `load_step`, the newest older one that
+        verifies is used instead, saying loudly which and why; `latest` then names it. Without
         `fallback` (or for an explicit step) a damaged checkpoint is an error naming the file."""
-        tag = self.resolve(load_step)
+        tag, error = self._from_rank0(self._resolve_on_rank0, load_step)
+        if error:
+            raise error
+        set_aside = False
         while tag is not None:
             try:
                 if not verify_checkpoint(self.save_dir / tag):
-                    logger.warning("%s has no manifest (written by an older calm-dist): loading it unverified",
-                                   self.save_dir / tag)
+                    if self.rank == 0:
+                        logger.warning("%s has no manifest (written by an older calm-dist): loading it unverified",
+                                       self.save_dir / tag)
+                if set_aside and self.rank == 0:
+                    _write_atomic(self.save_dir / LATEST, lambda f: f.write(tag.encode()))
                 return tag
             except CheckpointDamaged as damage:
                 if not fallback or load_step >= 0:
-                    raise CheckpointDamaged(
-                        f"{damage}. Resume from an older checkpoint with training.load_step=N, or set "
-                        "training.resume_fallback=true to do so automatically"
-                    ) from damage
+                    how = ("choose another training.load_step" if load_step >= 0 else
+                           "resume from an older checkpoint with training.load_step=N, or set "
+                           "training.resume_fallback=true to do so automatically")
+                    raise CheckpointDamaged(f"{damage}. {how}") from damage
                 aside = self.quarantine(tag)
+                set_aside = True
                 older = [t for t in self.tags() if _step_of(t) < _step_of(tag)]
                 if self.rank == 0:
                     logger.error("CHECKPOINT DAMAGED: %s; renamed it to %s (kept for inspection) and resuming "
@@ -187,9 +197,32 @@ class CheckpointManager:
                 tag = older[-1]
         return None
 
+    def _resolve_on_rank0(self, load_step: int) -> tuple[str | None, Exception | None]:
+        """(tag, None), or (None, the error to raise on every rank)."""
+        try:
+            tag = self.resolve(load_step)
+        except FileNotFoundError as err:
+            return None, err
+        damaged = sorted(p.name for p in self.save_dir.glob(f"*{DAMAGED}*")) if self.save_dir.is_dir() else []
+        if tag is None and damaged:
+            # Every checkpoint was set aside: starting again from step 0 here would mix two runs.
+            return None, CheckpointDamaged(
+                f"{self.save_dir} holds only damaged checkpoints ({', '.join(damaged)}); nothing to resume. "
+                "Start a new run in another training.output_dir, or restore an intact checkpoint"
+            )
+        return tag, None
+
+    def _from_rank0(self, compute, *args):
+        value = compute(*args) if self.rank == 0 else None
+        if _distributed():
+            shared = [value]
+            dist.broadcast_object_list(shared, src=0)
+            value = shared[0]
+        return value
+
     def quarantine(self, tag: str) -> Path:
-        """Rename a damaged checkpoint aside (rank 0; a collective), point `latest` at the newest
-        complete one left. The files are kept, never deleted."""
+        """Rename a damaged checkpoint aside (rank 0; a collective). The files are kept, never
+        deleted."""
         aside = None
         if self.rank == 0:
             aside, number = self.save_dir / (tag + DAMAGED), 1
@@ -197,9 +230,6 @@ class CheckpointManager:
                 number += 1
                 aside = self.save_dir / f"{tag}{DAMAGED}{number}"
             os.rename(self.save_dir / tag, aside)
-            remaining = self.tags()
-            if remaining:
-                _write_atomic(self.save_dir / LATEST, lambda f: f.write(remaining[-1].encode()))
         if _distributed():
             shared = [aside]
             dist.broadcast_object_list(shared, src=0)  # also the barrier: the rename is done
@@ -244,18 +274,21 @@ class CheckpointManager:
         try:
             _barrier()  # every rank's files are on disk
             if self.rank == 0:
-                full_meta = {**meta, "step": step, "world_size": self.world_size}
+                full_meta = {**meta, "step": step, "world_size": self.world_size, "manifest": MANIFEST_VERSION}
                 _write_atomic(partial / META, lambda f: f.write(json.dumps(full_meta, indent=2).encode()))
             _barrier()
             write_manifest(partial, lambda path, data: _write_atomic(path, lambda f: f.write(data)))
         except Exception as exc:  # here a peer that failed shows as a collective's error
             raise self._save_failed(tag, partial, exc, peer=not isinstance(exc, OSError)) from exc
-        if self.rank == 0:
-            if self._before_commit is not None:
-                self._before_commit()
-            self._commit(partial, self.save_dir / tag)
-            self._prune(keep=tag)
-        _barrier()
+        try:
+            if self.rank == 0:
+                if self._before_commit is not None:
+                    self._before_commit()
+                self._commit(partial, self.save_dir / tag)
+                self._prune(keep=tag)
+            _barrier()
+        except Exception as exc:  # rank 0: e.g. `latest` unwritable; the others: rank 0 is gone
+            raise self._save_failed(tag, partial, exc, peer=self.rank != 0 and not isinstance(exc, OSError)) from exc
         if self.rank == 0:
             logger.info("saved checkpoint %s in %.1f s", self.save_dir / tag, time.perf_counter() - started)
         return str(self.save_dir / tag)

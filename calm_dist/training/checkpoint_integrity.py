@@ -23,6 +23,7 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+META = "meta.json"  # the checkpoint's metadata; says whether a manifest was written beside it
 MANIFEST_FORMAT = "calm-dist-checkpoint-manifest"
 MANIFEST_VERSION = 1
 _READ_BYTES = 8 << 20
@@ -48,6 +49,19 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _is_rank0() -> bool:
+    return not _distributed() or dist.get_rank() == 0
+
+
+def _from_rank0(value):
+    """Rank 0's value on every rank: every rank then works from one view of a shared directory."""
+    if not _distributed():
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
 def _gather(local: dict) -> dict:
     """The union of every rank's dict, on every rank."""
     if not _distributed():
@@ -61,7 +75,7 @@ def _gather(local: dict) -> dict:
 
 
 def _share(names: list[str]) -> list[str]:
-    """This rank's share of the files to hash (all ranks see the same sorted list)."""
+    """This rank's share of the files to hash (all ranks hold the same sorted list)."""
     if not _distributed():
         return names
     return names[dist.get_rank():: dist.get_world_size()]
@@ -77,13 +91,16 @@ def checkpoint_files(directory: Path) -> list[str]:
 
 
 def write_manifest(directory: Path, write_file) -> dict:
-    """Hash every file of `directory` (a collective: each rank hashes its share) and, on rank 0,
-    write the manifest with `write_file(path, bytes)` (an atomic writer). Returns the entries."""
-    names = checkpoint_files(directory)
+    """Hash every file of `directory` (a collective: rank 0 lists the files, each rank hashes its
+    share) and, on rank 0, write the manifest with `write_file(path, bytes)` (an atomic writer).
+    Returns the entries."""
+    names = _from_rank0(checkpoint_files(directory) if _is_rank0() else None)
     local = {name: {"bytes": (directory / name).stat().st_size, "sha256": file_sha256(directory / name)}
              for name in _share(names)}
     entries = _gather(local)
-    if not _distributed() or dist.get_rank() == 0:
+    if _is_rank0():
+        if sorted(entries) != names:
+            raise RuntimeError(f"{directory}: hashed {len(entries)} of its {len(names)} files")
         body = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "files": entries}
         write_file(directory / MANIFEST, json.dumps(body, indent=1, sort_keys=True).encode())
     return entries
@@ -112,29 +129,51 @@ def checkpoint_bytes(directory: Path) -> int | None:
     return None if entries is None else sum(int(e["bytes"]) for e in entries.values())
 
 
+def _manifest_or_problem(directory: Path) -> tuple[dict | None, str | None]:
+    try:
+        entries = read_manifest(directory)
+        if entries is None and json.loads((directory / META).read_text()).get("manifest"):
+            return None, f"{directory / MANIFEST} is missing (its {META} says one was written)"
+    except CheckpointDamaged as err:
+        return None, str(err)
+    except (OSError, ValueError) as err:
+        return None, f"{directory / META} is unreadable ({type(err).__name__}: {err})"
+    return entries, None
+
+
+def _file_problem(directory: Path, name: str, entry: dict, full: bool) -> str | None:
+    path = directory / name
+    try:
+        if not path.is_file():
+            return f"{path} is missing (the manifest lists it)"
+        size = path.stat().st_size
+        if size != int(entry["bytes"]):
+            return f"{path} has {size} bytes, the manifest says {entry['bytes']}: truncated or replaced"
+        if full and file_sha256(path) != entry["sha256"]:
+            return f"{path} does not match its checksum in {MANIFEST}: the file is damaged"
+    except OSError as err:
+        return f"{path} is unreadable ({type(err).__name__}: {err})"
+    return None
+
+
 def verify_checkpoint(directory: Path, full: bool = True) -> bool:
-    """Check `directory` against its manifest; a collective when distributed (every rank hashes a
-    share and every rank gets the same verdict). Raises CheckpointDamaged naming the first bad
-    file; returns False when there is no manifest to check against, True when it verified.
-    `full=False` checks presence and sizes only (no reading)."""
-    entries = read_manifest(directory)
+    """Check `directory` against its manifest; a collective when distributed: rank 0 reads the
+    manifest, every rank checks a share of the files, and every rank gets the same verdict.
+    Raises CheckpointDamaged naming the first bad file; returns False when there is no manifest to
+    check against (a checkpoint from before manifests; one whose meta.json says a manifest was
+    written but lacks it is damaged), True when it verified. `full=False` checks presence and
+    sizes only (no reading)."""
+    entries, problem = _from_rank0(_manifest_or_problem(directory) if _is_rank0() else None)
+    if problem:
+        raise CheckpointDamaged(problem)
     if entries is None:
         return False
-    problems = {}
-    names = sorted(entries)
-    for name in names:  # sizes everywhere: cheap, and every rank then agrees without a collective
-        path = directory / name
-        if not path.is_file():
-            problems[name] = f"{path} is missing (the manifest lists it)"
-        elif path.stat().st_size != int(entries[name]["bytes"]):
-            problems[name] = (f"{path} has {path.stat().st_size} bytes, the manifest says {entries[name]['bytes']}: "
-                              "truncated or replaced")
-    if full:
-        local = {}
-        for name in _share([n for n in names if n not in problems]):
-            if file_sha256(directory / name) != entries[name]["sha256"]:
-                local[name] = f"{directory / name} does not match its checksum in {MANIFEST}: the file is damaged"
-        problems.update(_gather(local))
+    local = {}
+    for name in _share(sorted(entries)):
+        found = _file_problem(directory, name, entries[name], full)
+        if found:
+            local[name] = found
+    problems = _gather(local)
     if problems:
         first = sorted(problems)[0]
         more = f" (and {len(problems) - 1} more damaged files)" if len(problems) > 1 else ""

@@ -132,7 +132,13 @@ class RunLock:
             return {}  # released between our try and this read: try again
         except (OSError, ValueError):
             return None
-        return holder if isinstance(holder, dict) and holder else None
+        if not isinstance(holder, dict) or not holder:
+            return None
+        try:
+            int(holder.get("pid", -1))
+        except (TypeError, ValueError):
+            return None
+        return holder
 
     @staticmethod
     def _may_still_exit(holder: dict, me: dict) -> bool:
@@ -146,7 +152,13 @@ class RunLock:
         return f"cannot write the run lock {self.path}: {cause} ({free / 2**20:.1f} MB free); nothing else was written"
 
     def __enter__(self) -> "RunLock":
-        error = self._try_acquire() if self.rank == 0 else None
+        error = None
+        if self.rank == 0:
+            try:
+                error = self._try_acquire()
+            except OSError as err:  # e.g. the output path is a file, or not writable: say so on every rank
+                self._release()
+                error = f"cannot use {self.path.parent} as training.output_dir: {type(err).__name__}: {err}"
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             message = [error]
             dist.broadcast_object_list(message, src=0)

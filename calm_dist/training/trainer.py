@@ -252,7 +252,8 @@ class Trainer:
             return self._train_step_3d(batches)
         cfg, engine = self.cfg, self.engine
         accum = cfg.derived.gradient_accumulation_steps
-        losses, extras, data_time, done, bad_in_a_row = [], {}, 0.0, 0, 0
+        losses, extras, data_time, done = [], {}, 0.0, 0
+        bad_losses = bad_steps = 0  # in a row: non-finite losses (micro-batches), non-finite gradients (steps)
         while done < accum:
             start = time.perf_counter()
             tokens = next(batches).to(self.info.device, non_blocking=True)
@@ -262,9 +263,10 @@ class Trainer:
                 # Skip the micro-batch on every rank: no backward, no step; the next batch takes
                 # its place, so the weights never see the non-finite values.
                 self.state.skipped_batches += 1
-                bad_in_a_row += 1
-                self._count_bad_step(bad_in_a_row)
+                bad_losses += 1
+                self._count_bad_step(bad_losses)
                 continue
+            bad_losses = 0
             engine.backward(out.loss)
             engine.step()
             losses.append(out.loss.item())
@@ -275,11 +277,9 @@ class Trainer:
                 # Finite losses, non-finite gradients: DeepSpeed dropped the step on every rank (its
                 # global norm is not finite) and cleared the gradients; the next batches take its place.
                 self.state.skipped_batches += accum
-                bad_in_a_row += 1
-                self._count_bad_step(bad_in_a_row, "non-finite gradients")
+                bad_steps += 1
+                self._count_bad_step(bad_steps, "non-finite gradients")
                 losses, extras, done = [], {}, 0
-            elif done == accum:
-                bad_in_a_row = 0  # "in a row": since the last step that was applied
         self._finish_step()
         grad_norm = engine.get_global_grad_norm()
         # "lr": the largest of the per-module-group lrs (a delayed or scaled group may be group 0).
