@@ -34,7 +34,7 @@ from calm_dist.training.run_dir import foreign_entries, mark_run_dir, refusal
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".run.lock"
-HOLDER_WAIT_S = 10.0  # how long a live holder on this host may take to exit before a refusal
+HOLDER_WAIT_S = 5.0  # how long a live holder on this host may take to exit before a refusal
 
 
 def _identity() -> dict:
