@@ -243,6 +243,10 @@ def test_bad_input_gives_clear_errors(ae_run, ae_converted, tmp_path, capsys):
     # A checkpoint from before manifests: the structural checks still name the file.
     for copy in (truncated, lost):
         (copy / "global_step4" / "manifest.json").unlink()
+        meta_file = copy / "global_step4" / "meta.json"
+        meta = json.loads(meta_file.read_text())
+        del meta["manifest"]
+        meta_file.write_text(json.dumps(meta))
     with pytest.raises(ConversionError, match=f"shard {shard} is truncated"):
         convert_checkpoint(truncated, tmp_path / "out")
     with pytest.raises(ConversionError, match="written by 2 ranks but holds 1"):

@@ -45,7 +45,8 @@ def cluster(tmp_path_factory):
         pytest.fail("the SLURM tests need root (or slurm-wlm, munge and shellcheck installed); "
                     'deselect them with -m "not gpu and not slurm"')
     base = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "SLURM_CI_BASE": str(base / "cluster")}
+    # OMP_NUM_THREADS=1 as clusters export it: the node must still get every CPU of the machine.
+    env = {**os.environ, "SLURM_CI_BASE": str(base / "cluster"), "OMP_NUM_THREADS": "1"}
     t0 = time.monotonic()
     started = _run(["bash", CI, "start"], env, timeout=600)
     conf = re.search(r"export SLURM_CONF=(\S+)", started.stdout)
@@ -80,9 +81,29 @@ def state(env, jid: int) -> str:
     return _run(["squeue", "-h", "-j", jid, "-o", "%T"], env, check=False).stdout.strip()
 
 
+# Pending reasons that no amount of waiting changes on this cluster.
+NEVER_STARTS = ("BadConstraints", "PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "InvalidQOS")
+
+
+def assert_can_start(env, jid: int) -> None:
+    """Fail at once, with SLURM's reason, for a pending job that will never start (e.g. it asks
+    for more CPUs than the cluster has), instead of waiting out a timeout with an empty log."""
+    info = job(env, jid)
+    if info.get("JobState") != "PENDING":
+        return
+    nodes = _run(["scontrol", "show", "node", "-o"], env).stdout
+    total = sum(int(n) for n in re.findall(r"CPUTot=(\d+)", nodes))
+    wanted = int(info.get("NumCPUs") or 0)
+    reason = info.get("Reason", "")
+    assert reason not in NEVER_STARTS and wanted <= total, (
+        f"job {jid} cannot start: pending ({reason}), it asks for {wanted} CPUs and the cluster has {total}")
+
+
 def wait_gone(env, *jids: int, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while any(state(env, j) for j in jids):
+        for j in jids:
+            assert_can_start(env, j)
         assert time.monotonic() < deadline, f"jobs {jids} still queued after {timeout} s"
         time.sleep(0.5)
 
@@ -142,6 +163,7 @@ def test_pre_end_signal_saves_requeues_and_resumes(cluster, data, tmp_path):
     deadline = time.monotonic() + 120
     while not (run / "metrics.jsonl").exists() or not train_steps_logged(run):
         assert state(cluster, jid) in ("PENDING", "RUNNING"), log.read_text()[-4000:] if log.exists() else "no log"
+        assert_can_start(cluster, jid)
         assert time.monotonic() < deadline, "no training step after 120 s"
         time.sleep(0.2)
     # What SLURM sends before the time limit with --signal=B:USR1@N, delivered now to the batch shell.

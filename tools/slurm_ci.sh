@@ -8,13 +8,15 @@
 #   tools/slurm_ci.sh stop              # cancels every job, then stops the daemons it started
 #
 # Environment: SLURM_CI_BASE (state, spool, logs; default $TMPDIR/calm-slurm-ci), SLURM_CI_CPUS
-# (default: nproc), SLURM_CI_MEM (MB, default 4000), SLURM_CI_PORT (slurmctld port, default 6817;
+# (default: the CPUs this process may use), SLURM_CI_MEM (MB, default 4000), SLURM_CI_PORT (slurmctld port, default 6817;
 # slurmd uses the next one). Installing needs root and apt-get; starting needs root (the daemons
 # run as root, munged as the munge user). Progress goes to stderr, the export line to stdout.
 set -euo pipefail
 
 BASE=${SLURM_CI_BASE:-${TMPDIR:-/tmp}/calm-slurm-ci}
-CPUS=${SLURM_CI_CPUS:-$(nproc)}
+# The machine's CPUs: nproc follows OMP_NUM_THREADS (often 1 on clusters), which would make a node
+# too small for any 2-rank job.
+CPUS=${SLURM_CI_CPUS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}
 MEM=${SLURM_CI_MEM:-4000}
 PORT=${SLURM_CI_PORT:-6817}
 export SLURM_CONF="$BASE/etc/slurm.conf"

@@ -340,11 +340,12 @@ class CheckpointManager:
         else:
             cause = "no space left on the device" if full else f"{type(exc).__name__}: {exc}"
         free = f"{_mb(usage.free)} free" if usage is not None else "free space unknown"
-        shutil.rmtree(partial, ignore_errors=True)  # its bytes would keep the disk full
+        if not peer:  # its bytes would keep the disk full; a peer leaves it to the failing rank (or
+            shutil.rmtree(partial, ignore_errors=True)  # the next start): rank 0 may be renaming it
         return CheckpointSaveError(
-            f"saving {tag} in {self.save_dir} failed on rank {self.rank}: {cause} ({free} on that filesystem "
-            f"before the partial save was removed). The previous checkpoint ({self._last_good()}) and "
-            f"'{LATEST}' are untouched; fix the cause, then rerun to resume from it"
+            f"saving {tag} in {self.save_dir} failed on rank {self.rank}: {cause} ({free} on that filesystem). "
+            f"The previous checkpoint ({self._last_good()}) and '{LATEST}' are untouched; fix the cause, "
+            "then rerun to resume from it"
         )
 
     def _commit(self, partial: Path, final: Path) -> None:
