@@ -53,6 +53,7 @@ from calm_dist.training.checkpoint_integrity import (
     CheckpointDamaged,
     NonFiniteState,
     checkpoint_bytes,
+    from_rank0,
     global_non_finite,
     verify_checkpoint,
     write_manifest,
@@ -164,7 +165,7 @@ class CheckpointManager:
         `<tag>.damaged` and, with `fallback` and no explicit `load_step`, the newest older one that
         verifies is used instead, saying loudly which and why; `latest` then names it. Without
         `fallback` (or for an explicit step) a damaged checkpoint is an error naming the file."""
-        tag, error = self._from_rank0(self._resolve_on_rank0, load_step)
+        tag, error = from_rank0(self._resolve_on_rank0(load_step) if self.rank == 0 else None)
         if error:
             raise error
         set_aside = False
@@ -212,14 +213,6 @@ class CheckpointManager:
             )
         return tag, None
 
-    def _from_rank0(self, compute, *args):
-        value = compute(*args) if self.rank == 0 else None
-        if _distributed():
-            shared = [value]
-            dist.broadcast_object_list(shared, src=0)
-            value = shared[0]
-        return value
-
     def quarantine(self, tag: str) -> Path:
         """Rename a damaged checkpoint aside (rank 0; a collective). The files are kept, never
         deleted."""
@@ -230,11 +223,7 @@ class CheckpointManager:
                 number += 1
                 aside = self.save_dir / f"{tag}{DAMAGED}{number}"
             os.rename(self.save_dir / tag, aside)
-        if _distributed():
-            shared = [aside]
-            dist.broadcast_object_list(shared, src=0)  # also the barrier: the rename is done
-            aside = shared[0]
-        return aside
+        return from_rank0(aside)  # also the barrier: the rename is done
 
     def read_meta(self, tag: str) -> dict:
         path = self.save_dir / tag / META
@@ -322,10 +311,7 @@ class CheckpointManager:
                     f"'{LATEST}' are untouched. Free space (or lower training.keep_last), then rerun: the run "
                     f"resumes from {tags[-1]}"
                 )
-        if _distributed():
-            shared = [message]
-            dist.broadcast_object_list(shared, src=0)
-            message = shared[0]
+        message = from_rank0(message)
         if message:
             raise CheckpointSaveError(message)
 

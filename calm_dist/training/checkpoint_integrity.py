@@ -53,7 +53,7 @@ def _is_rank0() -> bool:
     return not _distributed() or dist.get_rank() == 0
 
 
-def _from_rank0(value):
+def from_rank0(value):
     """Rank 0's value on every rank: every rank then works from one view of a shared directory."""
     if not _distributed():
         return value
@@ -94,7 +94,7 @@ def write_manifest(directory: Path, write_file) -> dict:
     """Hash every file of `directory` (a collective: rank 0 lists the files, each rank hashes its
     share) and, on rank 0, write the manifest with `write_file(path, bytes)` (an atomic writer).
     Returns the entries."""
-    names = _from_rank0(checkpoint_files(directory) if _is_rank0() else None)
+    names = from_rank0(checkpoint_files(directory) if _is_rank0() else None)
     local = {name: {"bytes": (directory / name).stat().st_size, "sha256": file_sha256(directory / name)}
              for name in _share(names)}
     entries = _gather(local)
@@ -163,7 +163,7 @@ def verify_checkpoint(directory: Path, full: bool = True) -> bool:
     check against (a checkpoint from before manifests; one whose meta.json says a manifest was
     written but lacks it is damaged), True when it verified. `full=False` checks presence and
     sizes only (no reading)."""
-    entries, problem = _from_rank0(_manifest_or_problem(directory) if _is_rank0() else None)
+    entries, problem = from_rank0(_manifest_or_problem(directory) if _is_rank0() else None)
     if problem:
         raise CheckpointDamaged(problem)
     if entries is None:
