@@ -133,7 +133,7 @@ def format_table(results: Iterable[BenchResult]) -> str:
 
 
 def markdown_table(results: Iterable[BenchResult]) -> str:
-    """The same table in Markdown (for the README)."""
+    """The same table in Markdown (for docs/performance.md)."""
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
 

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from calm_dist.common.dist_env import resolve_device
+
 GENERATING_KINDS = ("calm", "baseline")
 
 
@@ -168,7 +170,7 @@ def load_generator(args: argparse.Namespace) -> tuple[TextGenerator, list[str]]:
     if not Path(args.model).exists():
         raise GenerateInputError(f"{args.model}: no such model (give a training run, checkpoint or converted "
                                  "directory)")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation talks; stdout is the texts'
         pre = load_pretrained(args.model, device=device)
     if pre.kind not in GENERATING_KINDS:

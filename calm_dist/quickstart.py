@@ -76,6 +76,25 @@ def _last_eval(run_dir: Path) -> dict:
     return last
 
 
+def summarize(ae_run: Path, calm_run: Path, baseline_run: Path | None = None) -> dict:
+    """The summary's figures: each run's final in-training evaluation, which scores its held-out
+    blocks with calm-eval's scorer and seed rule (`calm-eval RUN --seed <training.seed>` on the same
+    blocks gives the same numbers)."""
+    ae_eval, calm_eval = _last_eval(ae_run), _last_eval(calm_run)
+    summary = {
+        "autoencoder_recon_acc": ae_eval.get("recon_acc"),
+        "calm_energy_loss": calm_eval.get("loss"),
+        "unconditional_energy_loss": calm_eval.get("uncond"),
+        "energy_gap_pct": calm_eval.get("gap_pct"),
+        **{k: calm_eval.get(k) for k in ("brier1", "brier2", "brier3", "brier4", "brierlm")},
+    }
+    if baseline_run is not None:
+        baseline_eval = _last_eval(baseline_run)
+        summary["baseline"] = {k: baseline_eval.get(k) for k in
+                               ("loss", "ppl", "brier1", "brier2", "brier3", "brier4", "brierlm")}
+    return summary
+
+
 def equal_flops_steps(calm_preset: str, baseline_preset: str, calm_steps: int, overrides: list[str]) -> int:
     """Baseline steps whose training FLOPs equal CALM's over `calm_steps` (calm_dist/flops.py)."""
     from calm_dist.config import load_config
@@ -141,18 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                out / "baseline.log", steps=steps)
         baseline_eval = _last_eval(baseline_run)
 
-    _banner(5, "evaluate (held-out blocks, the trainers' own final evaluation)")
-    ae_eval, calm_eval = _last_eval(ae_run), _last_eval(calm_run)
-    summary = {
-        "autoencoder_recon_acc": ae_eval.get("recon_acc"),
-        "calm_energy_loss": calm_eval.get("loss"),
-        "unconditional_energy_loss": calm_eval.get("uncond"),
-        "energy_gap_pct": calm_eval.get("gap_pct"),
-        **{k: calm_eval.get(k) for k in ("brier1", "brier2", "brier3", "brier4", "brierlm")},
-    }
-    if baseline_eval:
-        summary["baseline"] = {k: baseline_eval.get(k) for k in
-                               ("loss", "ppl", "brier1", "brier2", "brier3", "brier4", "brierlm")}
+    _banner(5, "evaluate (held-out blocks, the trainers' own final evaluation: the figures calm-eval gives)")
+    calm_eval = _last_eval(calm_run)
+    summary = summarize(ae_run, calm_run, baseline_run if baseline_eval else None)
     print(f"  autoencoder: held-out token accuracy {summary['autoencoder_recon_acc']:.2%} "
           "(decoding a posterior sample)")
     print(f"  CALM: held-out energy loss {summary['calm_energy_loss']:.3f} vs {summary['unconditional_energy_loss']:.3f} "

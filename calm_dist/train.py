@@ -19,12 +19,9 @@ import time
 
 import torch
 
+from calm_dist.common.dist_env import read_dist_env
 from calm_dist.config import ConfigError, config_to_dict, load_config, validate
 from calm_dist.training.engine import DeepSpeedPresetError, build_ds_config
-
-
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
 
 
 def _setup_logging(rank: int) -> None:
@@ -44,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=1e-3")
     args = parser.parse_args(argv)
     try:
-        cfg = validate(load_config(args.config, args.overrides), world_size=_world_size())
+        cfg = validate(load_config(args.config, args.overrides), world_size=read_dist_env().world_size)
         # The 3d regime trains without DeepSpeed (megatron-core schedules, ZeRO-1 from torch).
         ds_config = build_ds_config(cfg, on_cuda=torch.cuda.is_available()) if cfg.parallel.regime == "zero3" else None
     except (ConfigError, DeepSpeedPresetError) as err:
@@ -67,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from calm_dist.training.run_lock import RunLock
     from calm_dist.training.trainer import Trainer, TrainingStopped
 
-    rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
-    _setup_logging(rank)
+    _setup_logging(read_dist_env().rank)
     info = init_distributed(cfg.training.device)
     if info.rank == 0:
         log_backend_report()

@@ -12,7 +12,7 @@
 #
 # Options:
 #   --out DIR             the chain's directory (required); job logs go to DIR/logs
-#   --eval-data PATH      evaluation data for calm_dist.eval --data (required)
+#   --eval-data PATH      evaluation data for calm-eval --data (required)
 #   --stage1 PRESET       stage-1 preset (default autoencoder)
 #   --stage2 PRESET       stage-2 preset (default calm_m)
 #   --nodes N             nodes per training job (default 1)

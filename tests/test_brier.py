@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from calm_dist.metrics import (
+from calm_dist.ops.brier import (
     BrierAccumulator,
     all_starts,
     baseline_brier_terms,
@@ -257,5 +257,12 @@ def test_accumulator_merge_and_state_roundtrip():
     # Equal-sized blocks: the global mean equals the reference's mean of per-block means.
     per_block = torch.stack([block.mean(dim=0) for block in blocks]).mean(dim=0)
     assert combined.result()["brier1"] == pytest.approx(per_block[0].item(), rel=1e-12)
+    # The standard error across blocks: the sample standard deviation of the block means / sqrt(blocks),
+    # the same from the merged sums as from one accumulator.
+    block_means = torch.stack([block.mean(dim=0) for block in blocks])
+    expected = (block_means.std(dim=0, unbiased=True) / len(blocks) ** 0.5).tolist()
+    for accumulator in (combined, merged, first):
+        assert accumulator.stderr() == pytest.approx(expected, rel=1e-9)
+    assert BrierAccumulator().stderr() == [None] * 4
     with pytest.raises(ValueError, match="no positions"):
         BrierAccumulator().result()

@@ -9,8 +9,9 @@ import torch
 
 from calm_dist.config import load_config, validate
 from calm_dist.generation import generate_baseline, generate_calm, left_pad_prompts
-from calm_dist.metrics.brier import BrierAccumulator
-from calm_dist.metrics.model_brier import baseline_next_token_probs, calm_block_terms, evaluate_brier
+from calm_dist.ops.brier import BrierAccumulator
+from calm_dist.evaluation.scorer import metrics_from, score_blocks
+from calm_dist.evaluation.terms import baseline_next_token_probs, calm_block_terms
 from calm_dist.models.autoencoder import Autoencoder
 from calm_dist.models.baseline import TokenBaseline, baseline_param_count
 from calm_dist.models.calm import CALM, calm_param_count, unconditional_energy
@@ -278,10 +279,14 @@ def test_calm_brier_scores_each_position_against_the_next_chunk(trained_pair):
 
 def test_calm_brierlm_is_computed_on_real_blocks(trained_pair):
     _, model, val, *_ = trained_pair
-    torch.manual_seed(0)
-    report = evaluate_brier(model, val[:4], kind="calm")
-    assert report["positions"] == 4 * (val.shape[1] // 4 - 1)
+    tally = score_blocks(model, "calm", val[:4], seed=0, device=torch.device("cpu"))
+    report, positions = metrics_from("calm", tally, blocks=4, block_tokens=val.shape[1])
+    assert positions == 4 * (val.shape[1] // 4 - 1)
     assert -1.0 <= report["brier1"] <= 1.0 and 0.0 <= report["brierlm"] <= 100.0
+    # The same seed gives the same figures: each block's draws come from (seed, block index) only.
+    again, _ = metrics_from("calm", score_blocks(model, "calm", val[:4], seed=0, device=torch.device("cpu")), 4,
+                            val.shape[1])
+    assert again == report
 
 
 def test_baseline_rollout_probabilities_agree_with_teacher_forcing():
@@ -293,5 +298,6 @@ def test_baseline_rollout_probabilities_agree_with_teacher_forcing():
         teacher = torch.softmax(model.logits(tokens[None, :-1])[0].float(), dim=-1)
         rolled = baseline_next_token_probs(model)([tokens[: i + 1] for i in (0, 4, 11, 18)])
     assert torch.allclose(rolled, teacher[[0, 4, 11, 18]], atol=1e-5)
-    report = evaluate_brier(model, tokens[None], kind="baseline")
-    assert report["positions"] == 20 - 4 and report["aligned"]["positions"] == 4
+    report, positions = metrics_from("baseline", score_blocks(model, "baseline", tokens[None], seed=0,
+                                                          device=torch.device("cpu")), 1, 20)
+    assert positions == 20 - 4 and report["aligned"]["positions"] == 4

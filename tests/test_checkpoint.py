@@ -227,14 +227,14 @@ def _fake_checkpoint(save_dir, step: int) -> None:
     """A checkpoint directory as the manager writes one (files, meta.json, manifest.json), without an engine."""
     import json as _json
 
-    from calm_dist.training.checkpoint import _write_atomic
+    from calm_dist.common.atomic import atomic_write_bytes
     from calm_dist.training.checkpoint_integrity import write_manifest
 
     path = save_dir / f"global_step{step}"
     path.mkdir(parents=True)
     (path / "weights.pt").write_bytes(bytes(range(256)) * (step + 1))
     (path / "meta.json").write_text(_json.dumps({"step": step, "manifest": 1}))
-    write_manifest(path, lambda target, data: _write_atomic(target, lambda f: f.write(data)))
+    write_manifest(path, atomic_write_bytes)
     (save_dir / "latest").write_text(f"global_step{step}")
 
 

@@ -4,7 +4,7 @@ import itertools
 
 import torch
 
-from calm_dist.metrics.collapse import mean_pairwise_cosine
+from calm_dist.ops.collapse import mean_pairwise_cosine
 from calm_dist.training.collapse_alarm import CollapseAlarm
 
 
@@ -50,6 +50,6 @@ def test_alarm_fires_only_when_a_signal_persists():
 
 
 def test_fewer_than_two_states_have_no_pair():
-    from calm_dist.metrics.collapse import pairwise_cosine_tensor
+    from calm_dist.ops.collapse import pairwise_cosine_tensor
 
     assert float(pairwise_cosine_tensor(torch.randn(1, 8))) == 0.0  # finite: a 3d step is never skipped for it

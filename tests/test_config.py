@@ -18,7 +18,7 @@ from calm_dist.config import (
     save_config,
     validate,
 )
-from calm_dist.config.cli import main as cli_main
+from calm_dist.cli.config import main as cli_main
 
 PAPER_PRESETS = {
     "autoencoder", "calm_m", "calm_l", "calm_xl", "transformer_s", "transformer_m", "transformer_l",

@@ -1,4 +1,4 @@
-"""Evaluation (`calm_dist.eval`) and generation (`calm_dist.generate`) from trained tiny models.
+"""Evaluation (`calm-eval`) and generation (`calm_dist.generate`) from trained tiny models.
 
 The token-baseline Brier estimator is checked against exact Brier-n enumerated from the softmax;
 the command lines run on a tiny autoencoder, CALM and baseline trained by the real trainer (single
@@ -26,6 +26,7 @@ TINY = [
     "logging.log_interval=10", "logging.tensorboard=false", "data.num_workers=0",
 ]
 K = 4
+EVAL_BLOCKS = 4
 
 
 def _env() -> dict[str, str]:
@@ -59,12 +60,14 @@ def runs(corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     out = {stage: root / stage for stage in ("autoencoder", "calm", "baseline")}
     # The baseline needs no autoencoder: it trains alongside stage 1.
-    baseline = _start_training(data, "tiny_baseline", out["baseline"], "training.train_steps=30")
+    # CALM and the baseline evaluate once, at their last step, on EVAL_BLOCKS held-out blocks.
+    final_eval = [f"training.eval_steps={EVAL_BLOCKS}", "training.eval_interval=1000"]
+    baseline = _start_training(data, "tiny_baseline", out["baseline"], "training.train_steps=30", *final_eval)
     autoencoder = _start_training(data, "tiny_autoencoder", out["autoencoder"], "training.train_steps=120",
                                   "training.micro_batch_size=16", "optimizer.lr=3e-3")
     _finish(autoencoder)
     calm = _start_training(data, "tiny_calm", out["calm"], "training.train_steps=30",
-                           f"training.autoencoder_path={out['autoencoder'] / 'autoencoder'}")
+                           f"training.autoencoder_path={out['autoencoder'] / 'autoencoder'}", *final_eval)
     _finish(baseline)
     _finish(calm)
     return out
@@ -84,7 +87,7 @@ def held_out_texts(tmp_path_factory) -> Path:
 
 
 def _eval(*argv: str) -> int:
-    from calm_dist.eval import main
+    from calm_dist.cli.eval import main
 
     return main([str(a) for a in argv])
 
@@ -121,8 +124,8 @@ def test_token_baseline_estimator_agrees_with_exact_brier_from_its_softmax():
     peaked but not deterministic: the evaluator's Brier-1..4, averaged over 400 seeds, lies within
     5 standard errors of the exact values (Brier-1 has no sampled part: equal up to rounding)."""
     from calm_dist.config import load_config, validate
-    from calm_dist.eval import Tally, metrics_from, score_block
-    from calm_dist.metrics.brier import all_starts
+    from calm_dist.evaluation.scorer import Tally, metrics_from, score_block
+    from calm_dist.ops.brier import all_starts
     from calm_dist.models.baseline import TokenBaseline
     from calm_dist.parallel.state import ensure_model_parallel
 
@@ -151,7 +154,7 @@ def test_token_baseline_estimator_agrees_with_exact_brier_from_its_softmax():
     for seed in range(400):
         tally = Tally()
         score_block(model, "baseline", block, seed, tally)
-        metrics, _ = metrics_from("baseline", tally.sums, blocks=1, block_tokens=block.shape[0])
+        metrics, _ = metrics_from("baseline", tally, blocks=1, block_tokens=block.shape[0])
         estimates.append([metrics[f"brier{n}"] for n in range(1, 5)])
     estimates = torch.tensor(estimates, dtype=torch.float64)
     mean, stderr = estimates.mean(0), estimates.std(0) / len(estimates) ** 0.5
@@ -161,6 +164,36 @@ def test_token_baseline_estimator_agrees_with_exact_brier_from_its_softmax():
 
 
 # Evaluation ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["calm", "baseline"])
+def test_training_evaluation_calm_eval_and_quickstart_summary_agree(kind, runs, corpus, tmp_path):
+    """One scorer: the trainer's final evaluation, `calm-eval` on the saved checkpoint with the run's
+    seed and blocks, and the quickstart's summary of the run give the same BrierLM and loss."""
+    from calm_dist.config import load_config
+    from calm_dist.quickstart import summarize
+    from calm_dist.training.metrics import read_metrics
+
+    logged = [r for r in read_metrics(runs[kind] / "metrics.jsonl") if r.get("kind") == "eval"][-1]
+    seed = load_config([f"tiny_{kind}"]).training.seed
+    context_steps = 64 // K if kind == "calm" else 64  # data.seq_length=64 in model steps
+    out = tmp_path / "report.json"
+    assert _eval(runs[kind], "--data", corpus.valid.directory, "--context-steps", context_steps,
+                 "--max-blocks", EVAL_BLOCKS, "--seed", seed, "--out", out) == 0
+    report = json.loads(out.read_text())
+    assert report["blocks"] == logged["blocks"] == EVAL_BLOCKS
+    metrics = report["metrics"]
+    for n in (1, 2, 3, 4):
+        assert metrics[f"brier{n}"] == pytest.approx(logged[f"brier{n}"], rel=1e-9, abs=1e-12)
+    assert metrics["brierlm"] == pytest.approx(logged["brierlm"], rel=1e-9, abs=1e-12)
+    loss_key = "energy_loss" if kind == "calm" else "ce"
+    assert metrics[loss_key] == pytest.approx(logged["loss"], rel=1e-6)
+    if kind == "calm":
+        summary = summarize(runs["autoencoder"], runs["calm"])
+        assert summary["brierlm"] == logged["brierlm"] and summary["calm_energy_loss"] == logged["loss"]
+    else:
+        summary = summarize(runs["autoencoder"], runs["calm"], runs["baseline"])["baseline"]
+        assert summary["brierlm"] == logged["brierlm"] and summary["loss"] == logged["loss"]
+
 
 BRIER_KEYS = {"brier1", "brier2", "brier3", "brier4", "brierlm", "brier_stderr"}
 
@@ -211,7 +244,7 @@ def test_eval_on_two_ranks_gives_the_one_rank_numbers(runs, corpus, tmp_path):
     common = [str(runs["calm"]), "--data", str(corpus.valid.directory), "--context-steps", "16", "--max-blocks", "4"]
     assert _eval(*common, "--out", tmp_path / "one.json") == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "calm_dist.eval", *common, "--out", str(tmp_path / "two.json")]
+           "-m", "calm_dist.cli.eval", *common, "--out", str(tmp_path / "two.json")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))

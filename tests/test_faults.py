@@ -1,7 +1,7 @@
 """Integrity under faults, on real 2-rank DeepSpeed ZeRO-3 runs (tiny autoencoder stage, gloo).
 
 Every fault ends one of two ways: (a) the final losses equal an uninterrupted run's bit for bit, or
-(b) one clear line naming the file, and no good checkpoint deleted. The fault table in the README
+(b) one clear line naming the file, and no good checkpoint deleted. The fault table in docs/faults.md
 points at these tests. Faults in the model (NaN gradients, NaN weights) are planted with
 tools/fault_inject.py; the others are done to the files, the disk and the processes themselves.
 """
@@ -257,7 +257,7 @@ def test_the_output_directory_is_respected(data, tmp_path):
 
 
 def test_sigusr1_to_the_ranks_saves_and_torchrun_exits_0(data, tmp_path):
-    """The README's way to ask a torchrun job to stop: SIGUSR1 to torchrun's worker processes.
+    """The documented way (docs/training.md) to ask a torchrun job to stop: SIGUSR1 to torchrun's worker processes.
     Every rank saves after the same step and torchrun exits 0."""
     run = tmp_path / "run"
     launcher = subprocess.Popen(_command(data, run, "training.train_steps=10000", "training.save_interval=10000",

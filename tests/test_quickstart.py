@@ -1,22 +1,34 @@
-"""The README's first command, with reduced step counts: every stage runs and leaves its outputs."""
+"""The README's first command, with reduced step counts: every stage runs and leaves its outputs.
+
+It runs from a regular (non-editable) install in a fresh venv, started outside the repository, so
+it also proves that the installed package carries everything the quickstart reads (presets,
+DeepSpeed configs). One quickstart run serves both checks (the install adds ~2 s).
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 
-from tests.dist_utils import REPO_ROOT
+from tests.fresh_install import REPO_ROOT, install_into_fresh_venv
 
 
-def test_quickstart_runs_end_to_end_and_writes_its_outputs(tmp_path):
+def test_quickstart_runs_end_to_end_from_a_regular_install_and_writes_its_outputs(tmp_path):
+    python = install_into_fresh_venv(tmp_path / "install")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing points at the sources
+    work = tmp_path / "work"  # the current directory: outside the repository, so '' on sys.path is no way in
+    work.mkdir()
+    where = subprocess.run([str(python), "-c", "import calm_dist; print(calm_dist.__file__)"],
+                           capture_output=True, text=True, env=env, cwd=work, check=True).stdout.strip()
+    assert Path(where).is_relative_to(tmp_path / "install" / "venv") and not Path(where).is_relative_to(REPO_ROOT)
+
     out = tmp_path / "quickstart"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "calm_dist.quickstart", "--out", str(out), "--steps-scale", "0.05"],
-                          capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run([str(python), "-m", "calm_dist.quickstart", "--out", str(out), "--steps-scale", "0.05"],
+                          capture_output=True, text=True, env=env, cwd=work, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for stage in range(1, 7):
         assert f"[{stage}/6]" in proc.stdout

@@ -21,7 +21,7 @@ from calm_dist.data.synthetic import (boundary_fraction, chunk_marginal_brier, c
                                       optimal_brier, optimal_brierlm, oracle_energy_loss, sample_documents,
                                       transition_matrix, unconditional_brier)
 from calm_dist.data.tokenizer import load_tokenizer
-from calm_dist.metrics.brier import calm_brier_terms
+from calm_dist.ops.brier import calm_brier_terms
 
 K = 4
 

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import re
-import tempfile
 import typing
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
+from calm_dist.common.atomic import atomic_write_text
 from calm_dist.config.errors import ConfigError
 from calm_dist.config.schema import DerivedConfig, JobConfig
 
@@ -93,17 +92,7 @@ def save_config(cfg: JobConfig, path: str | Path) -> Path:
         lines = "".join(f"#   {key}: {value}\n" for key, value in derived.items())
         text = f"# derived by validate() (recomputed on load, not read back):\n{lines}{text}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, text)
 
 
 def list_presets(include_fragments: bool = False) -> list[str]:

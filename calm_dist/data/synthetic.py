@@ -37,7 +37,7 @@ from typing import Callable
 
 import numpy as np
 
-from calm_dist.metrics.brier import brierlm_from_means
+from calm_dist.ops.brier import brierlm_from_means
 
 SOURCES = ("det", "markov")
 DEFAULT_VOCAB = 64

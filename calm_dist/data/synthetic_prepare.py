@@ -23,7 +23,7 @@ from calm_dist.data.synthetic import (DEFAULT_DOC_TOKENS, DEFAULT_Q, DEFAULT_TRA
                                       SyntheticSource, boundary_fraction, chunk_marginal_brier, make_source,
                                       optimal_brier, optimal_brier_range, sample_documents, unconditional_brier)
 from calm_dist.data.tokenizer import ENDOFTEXT, PAD, Tokenizer, load_tokenizer
-from calm_dist.metrics.brier import brierlm_from_means
+from calm_dist.ops.brier import brierlm_from_means
 
 LAW_FILE = "synthetic.json"
 VALID_SHARE = 10  # the valid split gets train tokens / 10

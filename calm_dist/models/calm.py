@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from calm_dist.config.schema import ModelConfig
-from calm_dist.metrics.collapse import pairwise_cosine_tensor
+from calm_dist.ops.collapse import pairwise_cosine_tensor
 from calm_dist.models.autoencoder import Autoencoder
 from calm_dist.models.backbone import Backbone, BackboneOptions
 from calm_dist.models.compressor import ChunkCompressor

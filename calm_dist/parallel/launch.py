@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from calm_dist.common.dist_env import read_dist_env, resolve_device
+
 logger = logging.getLogger(__name__)
 
 
@@ -24,24 +26,17 @@ class DistInfo:
     device: torch.device
 
 
-def _env_int(*names: str, default: int) -> int:
-    for name in names:
-        if name in os.environ:
-            return int(os.environ[name])
-    return default
-
-
 def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU) and return this
     process's rank, world size and device. Idempotent."""
-    # Rank variables: torchrun / deepspeed launcher set RANK etc.; plain srun sets SLURM_*.
-    rank = _env_int("RANK", "SLURM_PROCID", default=0)
-    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
-    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    env = read_dist_env()  # torchrun / deepspeed launcher variables, else plain srun's SLURM_*
+    rank, world, local_rank = env.rank, env.world_size, env.local_rank
+    use_cuda = resolve_device(device, env).type == "cuda"
     if use_cuda:
-        torch.cuda.set_device(local_rank)
+        # DeepSpeed puts its engine on cuda:LOCAL_RANK, so that is this process's GPU whatever
+        # index `device` names.
         dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
     else:
         # DeepSpeed would otherwise JIT-compile its shared-memory op (~1 minute) on the CPU
         # accelerator; plain gloo collectives are all a CPU run needs (STACK.md §2).

@@ -10,7 +10,6 @@ and the point stays `submitted`.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import socket
@@ -18,6 +17,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Optional
 
+from calm_dist.common.atomic import atomic_write_json
 from calm_dist.training.run_lock import pid_alive
 
 JOB_FILE = "job.json"
@@ -52,10 +52,7 @@ def read_job(point_dir: Path) -> Optional[dict[str, Any]]:
 
 
 def write_job(point_dir: Path, record: dict[str, Any]) -> None:
-    f = Path(point_dir) / JOB_FILE
-    tmp = f.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, f)
+    atomic_write_json(Path(point_dir) / JOB_FILE, record, indent=2)
 
 
 def squeue_states(job_ids: list[str]) -> Optional[dict[str, str]]:

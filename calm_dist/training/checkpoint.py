@@ -46,6 +46,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from calm_dist.common.atomic import TEMP_MARK, atomic_write, atomic_write_bytes, fsync_dir
 from calm_dist.config import flatten_config
 from calm_dist.training.checkpoint_integrity import (
     MANIFEST_VERSION,
@@ -176,7 +177,7 @@ class CheckpointManager:
                         logger.warning("%s has no manifest (written by an older calm-dist): loading it unverified",
                                        self.save_dir / tag)
                 if set_aside and self.rank == 0:
-                    _write_atomic(self.save_dir / LATEST, lambda f: f.write(tag.encode()))
+                    atomic_write_bytes(self.save_dir / LATEST, tag.encode())
                 return tag
             except CheckpointDamaged as damage:
                 if not fallback or load_step >= 0:
@@ -255,7 +256,7 @@ class CheckpointManager:
 
         try:
             engine.save_checkpoint(str(self.save_dir), tag=partial.name, client_state={"step": step}, save_latest=False)
-            _write_atomic(partial / rank_file(self.rank), lambda f: torch.save(rank_state, f))
+            atomic_write(partial / rank_file(self.rank), lambda f: torch.save(rank_state, f))
         except Exception as exc:
             # Fail fast, without a collective: the other ranks may be inside one of DeepSpeed's,
             # and the launcher ends them when this process exits.
@@ -264,9 +265,9 @@ class CheckpointManager:
             _barrier()  # every rank's files are on disk
             if self.rank == 0:
                 full_meta = {**meta, "step": step, "world_size": self.world_size, "manifest": MANIFEST_VERSION}
-                _write_atomic(partial / META, lambda f: f.write(json.dumps(full_meta, indent=2).encode()))
+                atomic_write_bytes(partial / META, json.dumps(full_meta, indent=2).encode())
             _barrier()
-            write_manifest(partial, lambda path, data: _write_atomic(path, lambda f: f.write(data)))
+            write_manifest(partial, atomic_write_bytes)
         except Exception as exc:  # here a peer that failed shows as a collective's error
             raise self._save_failed(tag, partial, exc, peer=not isinstance(exc, OSError)) from exc
         try:
@@ -341,8 +342,8 @@ class CheckpointManager:
             _remove_dir(stale)
             os.rename(final, stale)
         os.rename(partial, final)
-        _fsync_dir(self.save_dir)
-        _write_atomic(self.save_dir / LATEST, lambda f: f.write(final.name.encode()))
+        fsync_dir(self.save_dir)
+        atomic_write_bytes(self.save_dir / LATEST, final.name.encode())
         if stale is not None:
             _remove_dir(stale)
 
@@ -368,7 +369,7 @@ class CheckpointManager:
             elif entry.is_dir() and entry.name.endswith((PARTIAL, STALE, RETIRED)) and DAMAGED not in entry.name:
                 logger.warning("removing %s, left by an interrupted save", entry)
                 _remove_dir(entry)
-            elif entry.is_file() and entry.name.startswith(LATEST + ".tmp"):
+            elif entry.is_file() and entry.name.startswith(LATEST + TEMP_MARK):
                 entry.unlink()
 
     def _read_latest(self) -> str | None:
@@ -494,24 +495,6 @@ def consolidate_fp32(save_dir: str | os.PathLike, tag: str) -> dict[str, torch.T
 
 
 # ---- filesystem and collective helpers --------------------------------------------------------
-
-
-def _write_atomic(path: Path, write: Callable) -> None:
-    """Write via a temp file in the same directory, flushed to disk, then `os.replace`."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_dir(path: Path) -> None:

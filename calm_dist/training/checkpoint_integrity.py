@@ -20,6 +20,8 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from calm_dist.common.atomic import TEMP_MARK
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -86,7 +88,7 @@ def checkpoint_files(directory: Path) -> list[str]:
     return sorted(
         str(path.relative_to(directory))
         for path in directory.rglob("*")
-        if path.is_file() and path.name != MANIFEST and ".tmp" not in path.name
+        if path.is_file() and path.name != MANIFEST and TEMP_MARK not in path.name  # not a write in progress
     )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from calm_dist.metrics.collapse import COLLAPSE_COSINE
+from calm_dist.ops.collapse import COLLAPSE_COSINE
 
 # Energy less than 0.5% below the unconditional level counts as "at the level": both are
 # Monte-Carlo estimates with about 0.1% noise at 16 evaluation blocks, and on text a learning

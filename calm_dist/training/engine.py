@@ -1,8 +1,9 @@
 """DeepSpeed engine construction: the merged DeepSpeed config, the optimizer and the LR schedule.
 
-The `ds_configs/*.json` presets hold the ZeRO settings only; the batch fields, clipping and
-precision are always filled from our validated config (the single source of truth), and the ZeRO-3
-buckets are sized from the model's hidden size (ANCHORS.md §1.7).
+The `ds_configs/*.json` presets (package data in calm_dist/ds_configs/; `ds_configs` at the
+repository root links there) hold the ZeRO settings only; the batch fields, clipping and precision
+are always filled from our validated config (the single source of truth), and the ZeRO-3 buckets
+are sized from the model's hidden size (ANCHORS.md §1.7).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from calm_dist.optim import param_groups
 
 logger = logging.getLogger(__name__)
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+# Inside the package, so that a regular (non-editable) install ships the presets too.
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 
 # Keys a preset may set. DeepSpeed silently ignores unknown ones, which hides typos.
 _ALLOWED_TOP_LEVEL = {

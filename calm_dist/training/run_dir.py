@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from calm_dist import __version__
-from calm_dist.data.atomic import atomic_write_bytes
+from calm_dist.common.atomic import atomic_write_bytes
 
 MARKER = ".calm-dist-run"
 _EARLIER_RUN_SIGNS = ("checkpoints", "metrics.jsonl")  # a run written before the marker existed

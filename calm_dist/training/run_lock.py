@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from calm_dist.common.atomic import create_exclusive
 from calm_dist.training.run_dir import foreign_entries, mark_run_dir, refusal
 
 logger = logging.getLogger(__name__)
@@ -115,15 +116,7 @@ class RunLock:
 
     def _create(self, me: dict) -> None:
         """The lock with its whole content, or FileExistsError: written aside, then hard-linked."""
-        tmp = self.path.with_name(f"{LOCK_NAME}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "w") as f:
-                f.write(json.dumps(me))
-                f.flush()
-                os.fsync(f.fileno())
-            os.link(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        create_exclusive(self.path, json.dumps(me).encode())
 
     def _read_holder(self) -> dict | None:
         try:

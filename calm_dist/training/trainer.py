@@ -20,11 +20,11 @@ import torch.distributed as dist
 from calm_dist import __version__
 from calm_dist.config import config_to_dict, save_config
 from calm_dist.config.schema import JobConfig
+from calm_dist.evaluation.in_training import evaluate, rank_slice
 from calm_dist.parallel.launch import DistInfo
 from calm_dist.training import stages
 from calm_dist.training.checkpoint_integrity import NonFiniteState
 from calm_dist.training.engine import build_ds_config, create_engine
-from calm_dist.training.evaluate import evaluate, rank_slice
 
 logger = logging.getLogger(__name__)
 
@@ -312,12 +312,14 @@ class Trainer:
 
     def _evaluate(self) -> dict[str, float]:
         if self.cfg.parallel.regime != "3d":
-            return evaluate(self.engine.module, self.cfg, self.eval_blocks, self.info.device, self.level_blocks)
+            return evaluate(self.engine.module, self.cfg, self.eval_blocks, self.info.device,
+                            rank=self.layout.dp_rank, world_size=self.layout.data_parallel,
+                            level_blocks_BT=self.level_blocks)
         # The 3d regime reports the held-out loss (and CALM's unconditional level); BrierLM needs
         # generation through the pipeline: convert the checkpoint and run calm-eval for it.
         from megatron.core import parallel_state as ps
 
-        from calm_dist.training.evaluate import seed_evaluation
+        from calm_dist.evaluation.scorer import seed_streams
 
         blocks = self.eval_blocks.to(self.info.device)
         micro = list(blocks.split(self.cfg.training.micro_batch_size))
@@ -326,7 +328,7 @@ class Trainer:
         calm = self.cfg.training.stage == "calm"
         # Own seeded streams, the training ones put back (as evaluate() does in the zero3 regime).
         with torch.random.fork_rng(devices=[self.info.device] if self.info.device.type == "cuda" else []):
-            seed_evaluation(self.cfg.training.seed, self.info.device)
+            seed_streams(self.cfg.training.seed, self.info.device)
             values = [self.engine.evaluate_loss(micro)]
             if calm:  # the same figure on every replica: the all-reduce mean below keeps it
                 values.append(self.engine.unconditional_energy(self.level_blocks.to(self.info.device)))

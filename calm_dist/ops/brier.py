@@ -32,12 +32,15 @@ class BrierAccumulator:
 
     `result()` reports the *global* mean over all scored positions. The reference instead averages per-block means;
     the two coincide whenever every block scores the same number of positions, which our evaluation protocol
-    guarantees (fixed-size blocks, remainder dropped, same start rule in every block; CALM.md §9.7).
+    guarantees (fixed-size blocks, remainder dropped, same start rule in every block; CALM.md §9.7). The block
+    means' sums and squares give the standard error of each Brier-n across blocks.
     """
 
     def __init__(self, max_n: int = 4) -> None:
         self.max_n = max_n
         self.sums_N = torch.zeros(max_n, dtype=torch.float64)
+        self.block_sums_N = torch.zeros(max_n, dtype=torch.float64)  # sum over blocks of the block's mean
+        self.block_squares_N = torch.zeros(max_n, dtype=torch.float64)  # ... and of its square
         self.positions = 0
         self.blocks = 0
 
@@ -45,32 +48,52 @@ class BrierAccumulator:
         """Add one block's per-position Brier-n terms, shape (S, max_n)."""
         if terms_SN.dim() != 2 or terms_SN.shape[1] != self.max_n:
             raise ValueError(f"expected terms of shape (S, {self.max_n}), got {tuple(terms_SN.shape)}")
-        self.sums_N += terms_SN.detach().to(device="cpu", dtype=torch.float64).sum(dim=0)
+        terms_SN = terms_SN.detach().to(device="cpu", dtype=torch.float64)
+        self.sums_N += terms_SN.sum(dim=0)
+        if terms_SN.shape[0]:
+            block_mean_N = terms_SN.mean(dim=0)
+            self.block_sums_N += block_mean_N
+            self.block_squares_N += block_mean_N.square()
         self.positions += terms_SN.shape[0]
         self.blocks += 1
+
+    def _fields(self) -> list[torch.Tensor]:
+        return [self.sums_N, self.block_sums_N, self.block_squares_N]
 
     def merge(self, other: BrierAccumulator) -> BrierAccumulator:
         """Add another accumulator's counts into this one (e.g. gathered from another rank); returns self."""
         if other.max_n != self.max_n:
             raise ValueError(f"cannot merge max_n={other.max_n} into max_n={self.max_n}")
-        self.sums_N += other.sums_N
+        for mine, theirs in zip(self._fields(), other._fields()):
+            mine += theirs
         self.positions += other.positions
         self.blocks += other.blocks
         return self
 
     def state(self) -> torch.Tensor:
-        """Flat float64 tensor [sum_1..sum_max_n, positions, blocks]; all_reduce(SUM) it, then `from_state`."""
+        """Flat float64 tensor [sums, block sums, block squares (max_n each), positions, blocks]; all_reduce(SUM)
+        it, then `from_state`."""
         counts = torch.tensor([self.positions, self.blocks], dtype=torch.float64)
-        return torch.cat([self.sums_N, counts])
+        return torch.cat([*self._fields(), counts])
 
     @classmethod
     def from_state(cls, state: torch.Tensor) -> BrierAccumulator:
         state = state.detach().to(device="cpu", dtype=torch.float64)
-        accumulator = cls(max_n=state.numel() - 2)
-        accumulator.sums_N = state[:-2].clone()
+        max_n = (state.numel() - 2) // 3
+        accumulator = cls(max_n=max_n)
+        accumulator.sums_N, accumulator.block_sums_N, accumulator.block_squares_N = (
+            state[i * max_n : (i + 1) * max_n].clone() for i in range(3))
         accumulator.positions = int(state[-2].item())
         accumulator.blocks = int(state[-1].item())
         return accumulator
+
+    def stderr(self) -> list[float | None]:
+        """Standard error of each Brier-n's block mean across blocks (None below 2 blocks)."""
+        if self.blocks < 2:
+            return [None] * self.max_n
+        mean_N = self.block_sums_N / self.blocks
+        variance_N = (self.block_squares_N / self.blocks - mean_N.square()).clamp(min=0) * self.blocks / (self.blocks - 1)
+        return (variance_N / self.blocks).sqrt().tolist()
 
     def result(self) -> dict[str, float | int]:
         """Raw (unclamped) brier1..brierN means, brierlm (per-n clamp, x100), positions and blocks scored."""

@@ -1,0 +1,1 @@
+"""Console scripts that sit above the layers they drive: argument parsing and reporting only."""

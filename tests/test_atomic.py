@@ -1,0 +1,51 @@
+"""Atomic file writes (calm_dist/common/atomic.py) and the data directories' leftover cleanup."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from calm_dist.common.atomic import atomic_write, atomic_write_json, create_exclusive
+from calm_dist.data.atomic import atomic_write_bytes as data_write_bytes
+from calm_dist.data.atomic import remove_partials
+
+
+def test_writes_through_a_per_process_temp_sibling_with_the_umask_mode(tmp_path):
+    path = tmp_path / "latest"
+    seen = []
+    atomic_write(path, lambda f: (seen.extend(os.listdir(tmp_path)), f.write(b"global_step3")))
+    assert seen == [f"latest.tmp{os.getpid()}"]
+    assert path.read_bytes() == b"global_step3" and os.listdir(tmp_path) == ["latest"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    path = atomic_write_json(tmp_path / "job.json", {"step": 1}, indent=2)
+
+    def fail(f):
+        f.write(b"half")
+        raise OSError("no space left")
+
+    with pytest.raises(OSError, match="no space"):
+        atomic_write(path, fail)
+    assert path.read_text() == '{\n  "step": 1\n}\n' and os.listdir(tmp_path) == ["job.json"]
+
+
+def test_create_exclusive_never_replaces(tmp_path):
+    lock = create_exclusive(tmp_path / ".run.lock", b'{"pid": 1}')
+    with pytest.raises(FileExistsError):
+        create_exclusive(lock, b'{"pid": 2}')
+    assert lock.read_bytes() == b'{"pid": 1}' and os.listdir(tmp_path) == [".run.lock"]
+
+
+def test_data_directories_mark_temps_partial_and_remove_them(tmp_path):
+    data_write_bytes(tmp_path / "train-000000.tar", b"shard")
+    leftovers = ["train-000001.tar.partial", f"train-000002.tar.partial{os.getpid() + 1}"]
+    for name in [*leftovers, "notes.partial.txt"]:
+        (tmp_path / name).write_bytes(b"half")
+    assert [p.name for p in remove_partials(tmp_path)] == leftovers
+    assert sorted(os.listdir(tmp_path)) == ["notes.partial.txt", "train-000000.tar"]
+    assert remove_partials(tmp_path / "missing") == []
