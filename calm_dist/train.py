@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from calm_dist.environment import log_backend_report
     from calm_dist.parallel.launch import init_distributed
-    from calm_dist.training.checkpoint import CheckpointSaveError, NonFiniteState
+    from calm_dist.checkpoint.manager import CheckpointSaveError, NonFiniteState
     from calm_dist.training.run_lock import RunLock
     from calm_dist.training.trainer import Trainer, TrainingStopped
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from calm_dist.training.checkpoint import CheckpointManager, CheckpointMismatch, check_compatible
+from calm_dist.checkpoint.manager import CheckpointManager, CheckpointMismatch, check_compatible
 from calm_dist.training.rng import capture_rng_state, restore_rng_state
 from calm_dist.training.signals import WALL_CLOCK, StopRequest
 from tests.dist_utils import run_worker
@@ -210,7 +210,7 @@ def test_stop_request_wall_clock_budget():
 def test_a_checkpoint_retired_by_an_interrupted_resave_comes_back(tmp_path):
     """A crash after the old copy of a re-saved step was retired but before its replacement was
     committed leaves the retired copy as the only complete one: the next start restores it."""
-    from calm_dist.training.checkpoint import CheckpointManager
+    from calm_dist.checkpoint.manager import CheckpointManager
 
     save_dir = tmp_path / "ckpt"
     retired = save_dir / "global_step3.retired"
@@ -228,7 +228,7 @@ def _fake_checkpoint(save_dir, step: int) -> None:
     import json as _json
 
     from calm_dist.common.atomic import atomic_write_bytes
-    from calm_dist.training.checkpoint_integrity import write_manifest
+    from calm_dist.checkpoint.integrity import write_manifest
 
     path = save_dir / f"global_step{step}"
     path.mkdir(parents=True)
@@ -242,7 +242,7 @@ def test_verification_falls_back_sets_aside_and_never_restarts_a_run_from_nothin
     """The newest checkpoint damaged: the one before is used and `latest` names it. A manifest
     that meta.json promises but that is gone is damage too. With every checkpoint set aside, a
     launch refuses instead of training again from step 0 in the same directory."""
-    from calm_dist.training.checkpoint_integrity import CheckpointDamaged
+    from calm_dist.checkpoint.integrity import CheckpointDamaged
 
     save_dir = tmp_path / "checkpoints"
     for step in (2, 4):

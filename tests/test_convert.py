@@ -28,7 +28,7 @@ from calm_dist.convert import (
     resolve_checkpoint,
 )
 from calm_dist.convert import export
-from calm_dist.convert.source import load_checkpoint_model
+from calm_dist.pretrained.loader import load_checkpoint_model
 from calm_dist.convert.verify import model_outputs, probe_tokens
 from tests.train_utils import prepared_corpus_overrides, train
 

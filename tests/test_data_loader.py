@@ -305,7 +305,7 @@ def test_flipped_token_bytes_fail_the_checksum_and_can_be_skipped_and_counted(ev
 def test_a_token_id_outside_the_vocabulary_names_the_shard_and_the_sample(tmp_path, capsys):
     """Ids beyond the vocabulary in a shard whose index is consistent (so no checksum catches it):
     an error naming the shard and the sample, from the reader and from calm-prepare-data verify."""
-    from calm_dist.data.prepare import main as prepare_main
+    from calm_dist.cli.prepare_data import main as prepare_main
     from calm_dist.data.shards import read_shard, verify_shards
 
     fields = {"tokenizer_name": "synthetic", "tokenizer_fingerprint": "synthetic0000000", "vocab_size": 100,

@@ -15,7 +15,8 @@ import torch
 from calm_dist.data.corpus import BadDocumentError, iter_documents, sotu_documents
 from calm_dist.data.index import TokenizerMismatchError, check_tokenizer, load_index
 from calm_dist.data.loader import build_train_loader, read_eval_blocks
-from calm_dist.data.prepare import main, prepare_bundled_corpus, prepare_shards
+from calm_dist.cli.prepare_data import main
+from calm_dist.data.prepare import prepare_bundled_corpus, prepare_shards
 from calm_dist.data.shards import PROGRESS_NAME
 from calm_dist.data.tokenizer import ENDOFTEXT, load_gpt2
 

@@ -148,7 +148,7 @@ def test_non_finite_gradients_with_a_finite_loss_are_skipped_on_every_rank(data,
     assert proc.stderr.count("non-finite gradients at step 3: skipped") == 2  # both ranks
     meta = json.loads((run / "checkpoints" / "global_step4" / "meta.json").read_text())
     assert meta["train_state"]["skipped_batches"] == 1 and meta["train_state"]["step"] == 4
-    from calm_dist.training.checkpoint import consolidate_fp32
+    from calm_dist.checkpoint.manager import consolidate_fp32
 
     weights = consolidate_fp32(run / "checkpoints", "global_step4")
     assert all(torch.isfinite(t).all() for t in weights.values())
@@ -179,7 +179,7 @@ def test_damaged_shards_are_named_before_or_when_read(data, tmp_path):
     proc = _run(moved, tmp_path / "c", "training.train_steps=2", "data.verify=full", nproc=1)
     assert proc.returncode != 0 and f"(and {len(shards) - 1} more)" in proc.stderr
     assert not (tmp_path / "c" / "metrics.jsonl").exists()
-    proc = subprocess.run([sys.executable, "-m", "calm_dist.data.prepare", "verify", str(copy)],
+    proc = subprocess.run([sys.executable, "-m", "calm_dist.cli.prepare_data", "verify", str(copy)],
                           capture_output=True, text=True, env=child_env(), timeout=120)
     assert proc.returncode == 1 and proc.stdout.count("DAMAGED") == len(shards), proc.stdout
 
@@ -332,7 +332,7 @@ def test_convert_names_non_finite_weights_and_damaged_converted_files(reference,
     """calm-convert on a checkpoint whose weights hold NaN says so (not "max |diff| nan"); a
     converted directory missing a file, or with a truncated model.safetensors, is named."""
     from calm_dist.convert.cli import main as convert_main
-    from calm_dist.training.checkpoint_integrity import MANIFEST, file_sha256
+    from calm_dist.checkpoint.integrity import MANIFEST, file_sha256
 
     source, _ = reference
     run = tmp_path / "run"

@@ -293,7 +293,7 @@ def test_resumed_optimizer_state_loads_into_the_same_groups_and_meta_records_the
 
 
 def test_a_checkpoint_from_before_module_groups_is_refused_clearly(tmp_path):
-    from calm_dist.training.checkpoint import CheckpointManager, CheckpointMismatch
+    from calm_dist.checkpoint.manager import CheckpointManager, CheckpointMismatch
 
     config = config_to_dict(_cfg())
     for key in ("lr_multipliers", "weight_decay_multipliers", "lr_delay_steps"):

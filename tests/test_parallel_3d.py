@@ -137,7 +137,7 @@ def _assert_matches(cfg, ranks, reference, out: Path):
         for name, grad in grads.items():
             torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     # The converter merges the TP/PP checkpoint into the single-process model's weights.
-    from calm_dist.convert.source import merged_model_parallel_weights, resolve_checkpoint
+    from calm_dist.checkpoint.reading import merged_model_parallel_weights, resolve_checkpoint
 
     # After 3 AdamW steps (lr 3e-3) an element whose gradient is ~0 turns float noise into up to a
     # step's worth of difference: atol is 3% of one step; a misplaced shard is off by ~0.02.

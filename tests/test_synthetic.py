@@ -16,7 +16,7 @@ import torch
 from calm_dist.config import load_config, validate
 from calm_dist.data.index import check_tokenizer, load_index
 from calm_dist.data.loader import build_train_loader, read_eval_blocks
-from calm_dist.data.prepare import main
+from calm_dist.cli.prepare_data import main
 from calm_dist.data.synthetic import (boundary_fraction, chunk_marginal_brier, continue_chain, make_source,
                                       optimal_brier, optimal_brierlm, oracle_energy_loss, sample_documents,
                                       transition_matrix, unconditional_brier)

@@ -10,8 +10,8 @@ parity), `summary` (inspect and diff), `cli` (the `calm-convert` command).
 """
 
 from calm_dist.convert.cli import main  # noqa: F401
-from calm_dist.convert.converted import load_converted  # noqa: F401
+from calm_dist.pretrained.converted import load_converted  # noqa: F401
 from calm_dist.convert.export import convert_checkpoint  # noqa: F401
-from calm_dist.convert.source import CheckpointRef, ConversionError, resolve_checkpoint  # noqa: F401
+from calm_dist.checkpoint.reading import CheckpointRef, ConversionError, resolve_checkpoint  # noqa: F401
 from calm_dist.convert.summary import diff_checkpoints, inspect_checkpoint  # noqa: F401
 from calm_dist.convert.verify import VerificationError  # noqa: F401

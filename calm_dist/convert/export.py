@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 from calm_dist.config.schema import JobConfig
-from calm_dist.convert.hf_config import (
+from calm_dist.checkpoint.hf_config import (
     AE_PREFIX,
     AUTOENCODER_DIR,
     CONFIG_NAME,
@@ -41,7 +41,7 @@ from calm_dist.convert.hf_config import (
     WEIGHTS_NAME,
     build_hf_config,
 )
-from calm_dist.convert.source import (
+from calm_dist.checkpoint.reading import (
     CheckpointRef,
     ConversionError,
     check_finite,

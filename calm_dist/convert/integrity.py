@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from calm_dist.convert.hf_config import CONFIG_NAME, WEIGHTS_NAME, read_hf_config
-from calm_dist.convert.source import (
+from calm_dist.checkpoint.hf_config import CONFIG_NAME, WEIGHTS_NAME, read_hf_config
+from calm_dist.checkpoint.reading import (
     CheckpointRef,
     ConversionError,
     check_finite,

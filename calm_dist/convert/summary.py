@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from calm_dist.config import flatten_config
-from calm_dist.convert.hf_config import (
+from calm_dist.checkpoint.hf_config import (
     AE_PREFIX,
     CONFIG_NAME,
     STAGES,
@@ -24,7 +24,7 @@ from calm_dist.convert.hf_config import (
     build_hf_config,
     read_hf_config,
 )
-from calm_dist.convert.source import ConversionError, resolve_checkpoint, single_process_config
+from calm_dist.checkpoint.reading import ConversionError, resolve_checkpoint, single_process_config
 
 _NOT_SUMMARY = ("calm_dist", "source", "autoencoder_config")
 # safetensors' dtype names, so that a checkpoint and a converted directory list alike
@@ -60,7 +60,7 @@ def _open(path: str | Path, tag: str | None = None) -> _Opened:
 
 
 def _open_checkpoint(path: Path, tag: str | None) -> _Opened:
-    from calm_dist.convert.source import lazy_state_dict
+    from calm_dist.checkpoint.reading import lazy_state_dict
 
     ref = resolve_checkpoint(path, tag)
     meta = ref.meta()

@@ -82,8 +82,8 @@ def compare_outputs(reference: dict, converted: dict, dtype: torch.dtype) -> dic
 
 def verify_conversion(ref, converted_dir: Path, dtype: torch.dtype) -> dict[str, str]:
     """Load both sides, run the probe batch, compare; raises VerificationError on a mismatch."""
-    from calm_dist.convert.converted import load_converted
-    from calm_dist.convert.source import load_checkpoint_model
+    from calm_dist.pretrained.converted import load_converted
+    from calm_dist.pretrained.loader import load_checkpoint_model
 
     reference = load_checkpoint_model(ref)
     converted = load_converted(converted_dir, allow_missing_tokenizer=True)

@@ -23,7 +23,7 @@ from calm_dist.config.schema import JobConfig
 from calm_dist.evaluation.in_training import evaluate, rank_slice
 from calm_dist.parallel.launch import DistInfo
 from calm_dist.training import stages
-from calm_dist.training.checkpoint_integrity import NonFiniteState
+from calm_dist.checkpoint.integrity import NonFiniteState
 from calm_dist.training.engine import build_ds_config, create_engine
 
 logger = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class Trainer:
     def __init__(self, cfg: JobConfig, info: DistInfo, start_time: float | None = None):
         from calm_dist.data.loader import build_train_loader, read_eval_blocks
         from calm_dist.data.packing import packing_for
-        from calm_dist.training.checkpoint import CheckpointManager, check_compatible
+        from calm_dist.checkpoint.manager import CheckpointManager, check_compatible
 
         self.cfg, self.info = cfg, info
         self.start_time = time.time() if start_time is None else start_time
@@ -431,7 +431,7 @@ class Trainer:
     def export_autoencoder(self) -> Path | None:
         """Consolidate the final checkpoint's fp32 weights into <output_dir>/autoencoder."""
         from calm_dist.models.autoencoder_io import save_autoencoder
-        from calm_dist.training.checkpoint import consolidate_fp32
+        from calm_dist.checkpoint.manager import consolidate_fp32
 
         target = self.run_dir / "autoencoder"
         if self.info.rank == 0:

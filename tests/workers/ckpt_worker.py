@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from calm_dist.parallel.launch import init_distributed
-from calm_dist.training.checkpoint import CheckpointManager, consolidate_fp32
+from calm_dist.checkpoint.manager import CheckpointManager, consolidate_fp32
 from calm_dist.training.rng import capture_rng_state, restore_rng_state
 from calm_dist.training.signals import StopRequest
 

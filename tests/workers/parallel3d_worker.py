@@ -23,7 +23,7 @@ def main(spec_path: str) -> None:
     from calm_dist.config import load_config, validate
     from calm_dist.parallel.launch import init_distributed
     from calm_dist.parallel.state import current_layout, ensure_model_parallel, seed_model_building, seed_training
-    from calm_dist.training.checkpoint import CheckpointManager
+    from calm_dist.checkpoint.manager import CheckpointManager
     from calm_dist.training.engine_3d import build_3d_engine
     from calm_dist.training.trainer import TrainState, checkpoint_meta
 

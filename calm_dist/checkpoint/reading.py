@@ -20,7 +20,7 @@ import torch
 
 from calm_dist.config import config_from_dict, validate
 from calm_dist.config.schema import JobConfig
-from calm_dist.training.checkpoint import LATEST, META
+from calm_dist.checkpoint.manager import LATEST, META
 
 _TAG = re.compile(r"^global_step(\d+)$")
 
@@ -103,7 +103,7 @@ def _check_zip(path: Path) -> None:
 def verify_manifest(ref: CheckpointRef, full: bool = True) -> bool:
     """The checkpoint's files against its manifest (sizes, and sha256 when `full`); ConversionError
     naming the damaged file. False when the checkpoint predates manifests (nothing to check)."""
-    from calm_dist.training.checkpoint_integrity import CheckpointDamaged, verify_checkpoint
+    from calm_dist.checkpoint.integrity import CheckpointDamaged, verify_checkpoint
 
     try:
         return verify_checkpoint(ref.path, full=full)
@@ -200,7 +200,7 @@ def single_process_config(saved: dict, source: str) -> JobConfig:
 
 
 @contextlib.contextmanager
-def _stdout_to_stderr() -> Iterator[None]:
+def stdout_to_stderr() -> Iterator[None]:
     """DeepSpeed prints progress to stdout; ours (and a CLI's results) keep stdout clean."""
     with contextlib.redirect_stdout(sys.stderr):
         yield
@@ -213,7 +213,7 @@ def lazy_state_dict(ref: CheckpointRef) -> dict:
     if is_model_parallel(ref):
         return merged_model_parallel_weights(ref)
     check_shards(ref)
-    with _stdout_to_stderr():  # DeepSpeed logs to stdout from its first import on
+    with stdout_to_stderr():  # DeepSpeed logs to stdout from its first import on
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(ref.checkpoints_dir), tag=ref.tag, lazy_mode=True)
@@ -232,27 +232,3 @@ def consolidated_weights(ref: CheckpointRef) -> Iterator[tuple[str, torch.Tensor
             tensor = tensor.clone()
         seen.add(id(lazy))
         yield name, tensor
-
-
-def load_checkpoint_model(ref: CheckpointRef, device: str | torch.device = "cpu"):
-    """The model straight from the checkpoint (fp32, eval mode): the reference verification
-    compares a converted directory against. Uses the training code's own consolidation
-    (`consolidate_fp32`, DeepSpeed's eager path), not the converter's lazy one."""
-    from calm_dist.pretrained import Pretrained, build_for_stage, _tokenizer_for
-    from calm_dist.training.checkpoint import consolidate_fp32
-
-    check_shards(ref)
-    cfg = single_process_config(ref.meta()["config"], source=str(ref.path))
-    model = build_for_stage(cfg)
-    if is_model_parallel(ref):
-        weights = merged_model_parallel_weights(ref)
-    else:
-        with _stdout_to_stderr():
-            weights = consolidate_fp32(ref.checkpoints_dir, ref.tag)
-    for name, tensor in weights.items():
-        check_finite(name, tensor, ref)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ConversionError(f"{ref.path} does not fit a {cfg.training.stage} model of its own config: "
-                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return Pretrained(cfg.training.stage, model.to(device).eval(), cfg, _tokenizer_for(cfg))

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from calm_dist.config.schema import JobConfig, ModelConfig
-from calm_dist.convert.source import ConversionError
+from calm_dist.checkpoint.reading import ConversionError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -1,6 +1,6 @@
 """Load a converted directory (see export.py for its layout) in one call, safetensors only.
 
-    from calm_dist.convert import load_converted
+    from calm_dist.pretrained.converted import load_converted
     pre = load_converted("exports/calm")      # also what calm_dist.pretrained.load_pretrained does
     pre.model, pre.tokenizer, pre.config, pre.kind
 """
@@ -12,10 +12,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from calm_dist.convert.hf_config import AE_PREFIX, CONFIG_NAME, STAGES, TOKENIZER_NAME, WEIGHTS_NAME, read_hf_config
-from calm_dist.convert.source import ConversionError, single_process_config
-
-
+from calm_dist.checkpoint.hf_config import AE_PREFIX, CONFIG_NAME, STAGES, TOKENIZER_NAME, WEIGHTS_NAME, read_hf_config
+from calm_dist.checkpoint.reading import ConversionError, single_process_config
+from calm_dist.data.tokenizer import load_tokenizer
+from calm_dist.models.autoencoder_io import load_autoencoder
+from calm_dist.pretrained.build import Pretrained, build_for_stage
+from calm_dist.weights_file import open_safetensors
 
 def load_converted(
     path: str | Path,
@@ -29,9 +31,6 @@ def load_converted(
     `dtype`: the model's parameter dtype (default float32, whatever the stored dtype; None keeps
     the stored one). Without tokenizer.json it is an error unless `allow_missing_tokenizer`.
     """
-    from calm_dist.models.autoencoder_io import load_autoencoder
-    from calm_dist.pretrained import Pretrained, build_for_stage
-
     path = Path(path)
     config = read_hf_config(path)
     stage = STAGES[config["model_type"]]
@@ -57,7 +56,6 @@ def load_converted(
 def load_safetensors_into(model: nn.Module, file: Path, skip_prefix: str | None = None) -> None:
     """Copy every tensor of `file` into `model`, one at a time; the names must match exactly
     (those under `skip_prefix` come from elsewhere and must be absent)."""
-    from calm_dist.weights_file import open_safetensors
     # Megatron layers add `_extra_state` entries (FP8 metadata, not weights); DeepSpeed keeps none.
     targets = {name: t for name, t in model.state_dict().items()
                if not name.endswith("._extra_state") and not (skip_prefix and name.startswith(skip_prefix))}
@@ -76,8 +74,6 @@ def load_safetensors_into(model: nn.Module, file: Path, skip_prefix: str | None 
 
 
 def _load_tokenizer(path: Path, allow_missing: bool):
-    from calm_dist.data.tokenizer import load_tokenizer
-
     file = path / TOKENIZER_NAME
     if file.is_file():
         return load_tokenizer(file)

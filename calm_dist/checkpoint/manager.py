@@ -48,7 +48,7 @@ import torch.distributed as dist
 
 from calm_dist.common.atomic import TEMP_MARK, atomic_write, atomic_write_bytes, fsync_dir
 from calm_dist.config import flatten_config
-from calm_dist.training.checkpoint_integrity import (
+from calm_dist.checkpoint.integrity import (
     MANIFEST_VERSION,
     META,
     CheckpointDamaged,

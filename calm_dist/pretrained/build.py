@@ -1,0 +1,41 @@
+"""What a loaded model is (`Pretrained`) and how an untrained one of a run's kind is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from calm_dist.config.schema import JobConfig
+from calm_dist.data.tokenizer import load_tokenizer
+from calm_dist.models.autoencoder import Autoencoder
+from calm_dist.models.baseline import TokenBaseline
+from calm_dist.models.calm import CALM
+from calm_dist.parallel.state import ensure_model_parallel
+
+
+@dataclass
+class Pretrained:
+    kind: str  # "calm" | "baseline" | "autoencoder"
+    model: nn.Module  # in eval mode
+    config: JobConfig  # validated, world size 1
+    tokenizer: object | None  # calm_dist.data.tokenizer.Tokenizer, when the run named a tokenizer file
+
+
+def tokenizer_for(cfg: JobConfig):
+    """The run's tokenizer, or None when its file cannot be loaded (the caller says what that costs)."""
+    try:
+        return load_tokenizer(cfg.data.tokenizer)
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+
+
+def build_for_stage(cfg: JobConfig, autoencoder: nn.Module | None = None) -> nn.Module:
+    """An untrained model of the run's kind (weights are loaded afterwards)."""
+    ensure_model_parallel()
+    stage = cfg.training.stage
+    if stage == "autoencoder":
+        return Autoencoder(cfg.autoencoder)
+    if stage == "baseline":
+        return TokenBaseline(cfg.model)
+    return CALM(cfg.model, autoencoder if autoencoder is not None else Autoencoder(cfg.autoencoder))
