@@ -1,6 +1,6 @@
 """Model FLOPs per token for CALM, the token baseline and the autoencoder, and device peaks for MFU.
 
-The formula is stated here so that MFU numbers can be compared (ANCHORS.md §4 row 10). It follows
+The formula is stated here so that MFU numbers can be compared. It follows
 CALM.md §5.3 and reproduces the paper's Table 1 (tests/test_flops.py): inference within 3.4% for
 all six models, training within 3.1% except CALM-XL (+8.6%, a discrepancy that no choice of
 prefactors removes; see the test).
@@ -62,9 +62,9 @@ from typing import Optional
 
 import torch
 
+from calm_dist.config.rules import ae_intermediate_size, head_blocks
 from calm_dist.config.schema import AutoencoderConfig, JobConfig, ModelConfig
 from calm_dist.models.backbone import backbone_param_count
-from calm_dist.models.calm import head_blocks
 from calm_dist.models.compressor import compressor_param_count
 from calm_dist.models.energy_head import energy_head_param_count
 
@@ -100,7 +100,7 @@ def _ae_shape(ae_cfg: AutoencoderConfig, vocab_size: int = 0) -> tuple[int, int,
     vocab = ae_cfg.vocab_size or vocab_size
     if vocab <= 0:
         raise ValueError("autoencoder.vocab_size is 0 (= model.vocab_size): pass a validated config")
-    ffn = ae_cfg.intermediate_size or int(2.5 * ae_cfg.hidden_size)
+    ffn = ae_intermediate_size(ae_cfg)
     return ae_cfg.hidden_size, ffn, ae_cfg.latent_size, ae_cfg.patch_size, vocab
 
 

@@ -148,7 +148,7 @@ def test_loss_gradients_are_finite_at_zero_kl():
 
 def test_tiny_autoencoder_reconstructs_held_out_real_text(sotu_bpe_1k):
     """About a minute on 2 cores: >= 95% token accuracy on held-out speeches, decoding a posterior
-    SAMPLE (not the mean), with the reference regularisers on (CALIBRATION.md)."""
+    SAMPLE (not the mean), with the reference regularisers on (docs/learning.md)."""
     tok, train_ids, held_ids = sotu_bpe_1k
     torch.manual_seed(0)
     k = 4

@@ -11,7 +11,7 @@ from calm_dist.config import load_config, validate
 from calm_dist.generation import generate_baseline, generate_calm, left_pad_prompts
 from calm_dist.ops.brier import BrierAccumulator
 from calm_dist.evaluation.scorer import metrics_from, score_blocks
-from calm_dist.evaluation.terms import baseline_next_token_probs, calm_block_terms
+from calm_dist.models.scoring import baseline_next_token_probs, calm_block_terms
 from calm_dist.models.autoencoder import Autoencoder
 from calm_dist.models.baseline import TokenBaseline, baseline_param_count
 from calm_dist.models.calm import CALM, calm_param_count, unconditional_energy
@@ -201,7 +201,7 @@ def trained_pair(sotu_bpe_1k):
 
 def test_tiny_calm_energy_loss_falls_on_real_text(trained_pair):
     """The held-out energy loss falls from the zero-initialised head's level to about the level of
-    an unconditional predictor: what 150 CPU steps reach (CALIBRATION.md: beating it takes far
+    an unconditional predictor: what 150 CPU steps reach (docs/learning.md: beating it takes far
     longer)."""
     *_, losses, marginal = trained_pair  # held-out energy loss at steps 0, 50, 100, 150
     assert losses[-1] < 0.85 * losses[0], (losses, marginal)

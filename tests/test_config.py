@@ -66,7 +66,7 @@ def test_calm_m_matches_the_paper():
     assert (m.num_layers, m.hidden_size, m.intermediate_size, m.num_attention_heads) == (16, 1024, 2752, 16)
     assert (m.patch_size, m.latent_size, m.noise_size) == (4, 128, 64)
     assert (m.num_samples, m.num_target_samples, m.beta) == (8, 100, 1.0)
-    assert (d.head_blocks, d.steps_per_block, d.block_tokens) == (4, 2048, 8196)
+    assert (m.num_mlp_layers, d.steps_per_block, d.block_tokens) == (4, 2048, 8196)  # head blocks: layers / 4
     assert cfg.optimizer.schedule == "constant" and cfg.optimizer.warmup_steps == 2000
     assert load_config(["calm_xl"]).model.num_attention_heads == 40
 
@@ -86,8 +86,8 @@ def test_autoencoder_preset_is_the_reference_autoencoder():
 )
 def test_tiny_presets_resolve_defaults(name, block_tokens, steps):
     cfg = tiny(preset=name)
-    assert cfg.derived.ae_intermediate_size == 640 == cfg.autoencoder.intermediate_size
-    assert cfg.derived.head_blocks == 1
+    assert cfg.autoencoder.intermediate_size == 640  # 2.5 x hidden
+    assert cfg.model.num_mlp_layers == 1
     assert cfg.model.num_query_groups == 4
     assert (cfg.derived.block_tokens, cfg.derived.steps_per_block) == (block_tokens, steps)
     assert cfg.training.precision == "fp32"

@@ -24,7 +24,7 @@ from calm_dist.config.validate import validate
 from calm_dist.data.loader import read_eval_blocks
 from calm_dist.ops.brier import BrierAccumulator
 from calm_dist.ops.collapse import mean_pairwise_cosine
-from calm_dist.evaluation.terms import calm_block_terms
+from calm_dist.models.scoring import calm_block_terms
 from calm_dist.models.autoencoder_io import load_autoencoder
 from calm_dist.models.calm import CALM, unconditional_energy
 from calm_dist.parallel.state import ensure_model_parallel

@@ -14,6 +14,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from calm_dist.config.rules import query_groups
 from calm_dist.config.schema import JobConfig, ModelConfig
 from calm_dist.checkpoint.reading import ConversionError
 
@@ -35,7 +36,7 @@ def _backbone_fields(m: ModelConfig) -> dict:
         "intermediate_size": m.intermediate_size,
         "num_hidden_layers": m.num_layers,
         "num_attention_heads": m.num_attention_heads,
-        "num_key_value_heads": m.num_query_groups or m.num_attention_heads,
+        "num_key_value_heads": query_groups(m),
         "max_position_embeddings": m.max_position_embeddings,  # model steps: chunks for CALM
         "rope_theta": m.rope_theta,
         "rms_norm_eps": m.rms_norm_eps,

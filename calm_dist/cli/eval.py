@@ -53,7 +53,7 @@ from calm_dist.evaluation.blocks import (
     load_blocks,
 )
 from calm_dist.evaluation.in_training import rank_slice
-from calm_dist.evaluation.scorer import MAX_N, metrics_from, score_blocks
+from calm_dist.evaluation.scorer import metrics_from, score_blocks
 
 REPORT_FORMAT = "calm-dist-eval"
 REPORT_VERSION = 1
@@ -98,10 +98,9 @@ class EvalInputs:
         self.kind = pre.kind
         # Vocabulary and special ids live in the job's model section for every stage.
         ids_cfg = pre.config.model
-        patch_size = pre.config.autoencoder.patch_size if pre.kind == "autoencoder" else ids_cfg.patch_size
-        if pre.kind == "calm" and patch_size < MAX_N:
-            raise EvalInputError(f"CALM with K={patch_size} < {MAX_N}: Brier-n for n > K needs rollouts, which are "
-                                 "not implemented")
+        # Validation holds model.patch_size equal to the autoencoder's, and at least MAX_N for CALM
+        # (Brier-n for n > K would need rollouts).
+        patch_size = ids_cfg.patch_size
         self.context_steps, self.notes = context_steps_for(pre.kind, ids_cfg, args.context_steps)
         self.block_tokens = block_tokens_for_eval(pre.kind, self.context_steps, patch_size)
         blocks = load_blocks(args.data, pre.kind, pre.tokenizer, ids_cfg, patch_size, self.block_tokens,

@@ -4,7 +4,7 @@ Why: megatron-core 0.16.1 assumes a GPU even where the maths does not need one. 
 `torch.cuda.current_device()` for buffers and RoPE tables, build the default causal mask with a
 literal `device="cuda"`, and its RNG tracker (`model_parallel_cuda_manual_seed`, dropout forks,
 `tensor_parallel.checkpoint`) reads and writes the CUDA generator. Without a GPU every one of these
-raises "Torch not compiled with CUDA enabled" (docs: STACK.md §3).
+raises "Torch not compiled with CUDA enabled".
 
 What `apply_cpu_compat()` patches, once, only when `torch.cuda.is_available()` is False:
 - `torch.cuda.current_device()` answers the CPU device; `torch.cuda.synchronize()` does nothing;

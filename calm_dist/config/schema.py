@@ -115,7 +115,7 @@ class OptimizerConfig:
 
 @dataclass
 class ParallelConfig:
-    """Two supported regimes (ANCHORS.md §0): `zero3` (TP = PP = 1, DeepSpeed ZeRO-3 across all
+    """Two supported regimes: `zero3` (TP = PP = 1, DeepSpeed ZeRO-3 across all
     ranks) and `3d` (megatron-core TP and PP; ZeRO-1 or no sharding over data parallelism)."""
 
     regime: Regime = "zero3"
@@ -190,8 +190,6 @@ class DerivedConfig:
     data_parallel_size: int
     gradient_accumulation_steps: int
     global_batch_size: int
-    head_blocks: int  # energy-head blocks actually used
-    ae_intermediate_size: int
     block_tokens: int  # tokens per training block: context + one target step (CALM.md §9.7)
     steps_per_block: int  # model steps per block read by the transformer (chunks or tokens)
     tokens_per_step: int  # tokens consumed per optimizer step

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import re
 
+from calm_dist.config import rules
 from calm_dist.config.errors import ConfigError
 from calm_dist.config.schema import DerivedConfig, JobConfig
 from calm_dist.module_groups import MODULE_GROUPS
@@ -122,7 +123,7 @@ def _check_module_groups(cfg: JobConfig, world_size: int, p: _Problems) -> None:
 def _check_model(cfg: JobConfig, world_size: int, p: _Problems) -> None:
     """Attention shapes and special-token ids."""
     m, ae = cfg.model, cfg.autoencoder
-    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
+    heads, groups = m.num_attention_heads, rules.query_groups(m)
     p.require(m.hidden_size % heads == 0, f"model.hidden_size ({m.hidden_size}) must be divisible by "
                                           f"model.num_attention_heads ({heads})")
     p.require(heads % groups == 0, f"model.num_attention_heads ({heads}) must be divisible by "
@@ -168,7 +169,7 @@ def _check_stage(cfg: JobConfig, world_size: int, p: _Problems) -> None:
 
 
 def _check_parallel(cfg: JobConfig, world_size: int, p: _Problems) -> None:
-    """The two supported regimes (ANCHORS.md §0) and the batch arithmetic."""
+    """The two supported regimes and the batch arithmetic."""
     par, tr, m = cfg.parallel, cfg.training, cfg.model
     tp, pp = par.tensor_parallel, par.pipeline_parallel
     if par.regime == "zero3":
@@ -201,7 +202,7 @@ def _check_parallel(cfg: JobConfig, world_size: int, p: _Problems) -> None:
         steps = _steps_per_block(cfg)
         p.require(steps % tp == 0, f"parallel.sequence_parallel: the {steps} steps per block must divide "
                                    f"by parallel.tensor_parallel ({tp})")
-    groups = m.num_query_groups or m.num_attention_heads
+    groups = rules.query_groups(m)
     p.require(m.num_attention_heads % tp == 0 and groups % tp == 0,
               f"parallel.tensor_parallel ({tp}) must divide model.num_attention_heads "
               f"({m.num_attention_heads}) and model.num_query_groups ({groups})")
@@ -242,14 +243,13 @@ def _resolve_defaults(cfg: JobConfig) -> None:
     m, ae = cfg.model, cfg.autoencoder
     ae.vocab_size = ae.vocab_size or m.vocab_size
     ae.mask_token_id = m.pad_token_id if ae.mask_token_id == -1 else ae.mask_token_id
-    ae.intermediate_size = ae.intermediate_size or int(2.5 * ae.hidden_size)
-    m.num_query_groups = m.num_query_groups or m.num_attention_heads
-    m.num_mlp_layers = m.num_mlp_layers or max(1, m.num_layers // 4)
+    ae.intermediate_size = rules.ae_intermediate_size(ae)
+    m.num_query_groups = rules.query_groups(m)
+    m.num_mlp_layers = rules.head_blocks(m)
 
 
 def _steps_per_block(cfg: JobConfig) -> int:
-    seq = cfg.data.seq_length
-    return seq if cfg.training.stage == "baseline" else seq // cfg.model.patch_size
+    return rules.steps_per_block(cfg.training.stage, cfg.data.seq_length, cfg.model.patch_size)
 
 
 def _derive(cfg: JobConfig, world_size: int) -> DerivedConfig:
@@ -261,17 +261,12 @@ def _derive(cfg: JobConfig, world_size: int) -> DerivedConfig:
     else:
         tr.gradient_accumulation_steps = tr.gradient_accumulation_steps or 1
         tr.global_batch_size = per_step * tr.gradient_accumulation_steps
-    # A language-model block holds the context plus one target step (CALM.md §9.7): K more tokens
-    # for CALM, one for the baseline. The autoencoder has no target step: it reads chunks.
-    target_tokens = {"baseline": 1, "calm": cfg.model.patch_size, "autoencoder": 0}[tr.stage]
     return DerivedConfig(
         world_size=world_size,
         data_parallel_size=dp,
         gradient_accumulation_steps=tr.gradient_accumulation_steps,
         global_batch_size=tr.global_batch_size,
-        head_blocks=cfg.model.num_mlp_layers,
-        ae_intermediate_size=cfg.autoencoder.intermediate_size,
-        block_tokens=seq + target_tokens,
+        block_tokens=rules.block_tokens(tr.stage, seq, cfg.model.patch_size),
         steps_per_block=_steps_per_block(cfg),
         tokens_per_step=tr.global_batch_size * seq,
     )

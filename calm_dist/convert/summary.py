@@ -15,7 +15,6 @@ from typing import Callable
 
 import torch
 
-from calm_dist.config import flatten_config
 from calm_dist.checkpoint.hf_config import (
     AE_PREFIX,
     CONFIG_NAME,
@@ -25,6 +24,8 @@ from calm_dist.checkpoint.hf_config import (
     read_hf_config,
 )
 from calm_dist.checkpoint.reading import ConversionError, resolve_checkpoint, single_process_config
+from calm_dist.config import flatten_config
+from calm_dist.models.kinds import model_kind
 
 _NOT_SUMMARY = ("calm_dist", "source", "autoencoder_config")
 # safetensors' dtype names, so that a checkpoint and a converted directory list alike
@@ -105,8 +106,8 @@ def _parameter_counts(opened: _Opened) -> dict:
         top = name.split(".")[0]
         by_module[top] = by_module.get(top, 0) + int(torch.Size(shape).numel())
     total = sum(by_module.values())
-    # CALM's autoencoder is frozen in stage 2; everything else trains.
-    frozen = by_module.get("autoencoder", 0) if opened.stage == "calm" else 0
+    # What the kind keeps frozen (CALM's autoencoder in stage 2); everything else trains.
+    frozen = sum(by_module.get(module, 0) for module in model_kind(opened.stage).frozen_modules)
     return {"total": total, "trainable": total - frozen, "frozen": frozen, "by_module": by_module}
 
 

@@ -1,5 +1,5 @@
 """Does a converted directory compute what its checkpoint computes? (the parity check users ask
-for after every export, ANCHORS.md §4 row 12)
+for after every export)
 
 Both models run on the same probe batch of random token blocks with torch seeded identically
 before every forward: CALM compares its energy loss and chunks sampled from the head, the baseline
@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from calm_dist.models.kinds import model_kind
+
 # Allowed max |a - b| relative to max(1, max |a|), per exported dtype.
 TOLERANCE = {torch.float32: 0.0, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 PROBE_SEED = 1234
@@ -24,38 +26,15 @@ class VerificationError(RuntimeError):
 
 
 def probe_tokens(cfg, batch: int = 2, seed: int = PROBE_SEED) -> torch.Tensor:
-    """A small batch of random token blocks the model's stage accepts."""
+    """A small batch of random token blocks the model's kind accepts."""
     generator = torch.Generator().manual_seed(seed)
-    stage, k = cfg.training.stage, cfg.model.patch_size
-    vocab = cfg.model.vocab_size
-    if stage == "autoencoder":
-        return torch.randint(vocab, (batch, 8, cfg.autoencoder.patch_size), generator=generator)
-    if stage == "baseline":
-        return torch.randint(vocab, (batch, min(32, cfg.data.seq_length) + 1), generator=generator)
-    steps = min(8, cfg.data.seq_length // k)
-    return torch.randint(vocab, (batch, (steps + 1) * k), generator=generator)
+    return model_kind(cfg.training.stage).probe_tokens(cfg, batch, generator)
 
 
 @torch.no_grad()
 def model_outputs(pre, tokens: torch.Tensor, seed: int = PROBE_SEED) -> dict[str, torch.Tensor]:
     """The outputs compared, each computed after seeding torch with `seed`."""
-    model = pre.model
-    if pre.kind == "autoencoder":
-        torch.manual_seed(seed)
-        mu, _ = model.encode(tokens)
-        return {"mu": mu.float(), "decoded": model.decode_tokens(mu)}
-    if pre.kind == "baseline":
-        torch.manual_seed(seed)
-        loss = model(tokens).loss
-        torch.manual_seed(seed)
-        return {"loss": loss.float(), "logits": model.logits(tokens[:, :-1]).float()}
-    k = model.cfg.patch_size
-    torch.manual_seed(seed)
-    loss = model(tokens).loss
-    torch.manual_seed(seed)
-    hidden = model.hidden_states(tokens[:, :-k])
-    chunks = model.sample_chunks(hidden.reshape(-1, hidden.shape[-1]), num_samples=4)
-    return {"loss": loss.float(), "chunks": chunks}
+    return model_kind(pre.kind).probe_outputs(pre.model, tokens, seed)
 
 
 def compare_outputs(reference: dict, converted: dict, dtype: torch.dtype) -> dict[str, str]:

@@ -10,7 +10,7 @@ keeps the cursor of every stream as of the last batch it handed out. That list i
 state, a few integers per worker. A rebuilt loader starts each stream at its cursor (re-reading
 and re-permuting the current window, skipping what was served) and rotates the worker-to-stream
 assignment so that worker 0 serves the stream whose turn it is: the next batch is exactly the one
-that would have come (ANCHORS.md §7.15).
+that would have come.
 """
 
 from __future__ import annotations

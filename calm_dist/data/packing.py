@@ -5,9 +5,8 @@
          with block_tokens a multiple of K, no K-chunk straddles two documents
   "eval" BOS + doc + EOS, documents concatenated (evaluation blocks, §9.7)
 
-A block holds context + one target step (block_tokens = seq_length + K for CALM and the
-autoencoder, seq_length + 1 for the baseline; §9.7). Blocks are cut from the concatenated stream
-back to back; a document may run across blocks.
+A block holds context + one target step (`calm_dist.config.rules.block_tokens`; §9.7). Blocks
+are cut from the concatenated stream back to back; a document may run across blocks.
 """
 
 from __future__ import annotations
@@ -19,17 +18,6 @@ import numpy as np
 
 Packing = Literal["lm", "ae", "eval"]
 PACKINGS: tuple[str, ...] = ("lm", "ae", "eval")
-
-
-def block_tokens_for(stage: str, seq_length: int, patch_size: int) -> int:
-    """Tokens per block: context + one target step (a chunk of K for CALM/autoencoder, 1 token
-    for the baseline)."""
-    return seq_length + (1 if stage == "baseline" else patch_size)
-
-
-def packing_for(stage: str) -> Packing:
-    """The reference's packing for a training stage."""
-    return "ae" if stage == "autoencoder" else "lm"
 
 
 @dataclass(frozen=True)

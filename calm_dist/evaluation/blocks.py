@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from calm_dist.config import rules
 from calm_dist.data.corpus import iter_documents
 from calm_dist.data.index import INDEX_NAME, check_tokenizer, is_shard_url, load_index
 from calm_dist.data.loader import read_eval_blocks
-from calm_dist.data.packing import Packer, block_tokens_for, cut_blocks
+from calm_dist.data.packing import Packer, cut_blocks
+from calm_dist.models.kinds import model_kind
 
 PROTOCOL_CONTEXT_STEPS = 2048  # the reference's evaluation context, in model steps (CALM.md §3.3)
 
@@ -25,7 +27,7 @@ class EvalInputError(ValueError):
 def context_steps_for(kind: str, model_cfg, requested: int | None) -> tuple[int, list[str]]:
     """The context in model steps, and notes for the report. The protocol's 2048 by default,
     capped at the model's position range; an explicit request beyond it is refused."""
-    limit = model_cfg.max_position_embeddings if kind != "autoencoder" else None
+    limit = None if model_kind(kind).reads_chunks else model_cfg.max_position_embeddings  # chunks: no positions
     if requested is not None:
         if requested < 1:
             raise EvalInputError(f"--context-steps must be >= 1, got {requested}")
@@ -40,10 +42,9 @@ def context_steps_for(kind: str, model_cfg, requested: int | None) -> tuple[int,
 
 
 def block_tokens_for_eval(kind: str, context_steps: int, patch_size: int) -> int:
-    """Context + one target step: (S + 1) * K tokens for CALM and the autoencoder, S + 1 for the
-    baseline (CALM.md §9.7)."""
-    seq_length = context_steps if kind == "baseline" else context_steps * patch_size
-    return block_tokens_for(kind, seq_length, patch_size)
+    """Context + the target step, as in training (CALM.md §9.7): (S + 1) * K tokens for CALM,
+    S + 1 for the baseline, S * K for the autoencoder (no target step)."""
+    return rules.block_tokens(kind, rules.context_tokens(kind, context_steps, patch_size), patch_size)
 
 
 def _is_shard_directory(paths: list[str]) -> bool:
@@ -99,8 +100,7 @@ def load_blocks(paths: list[str], kind: str, tokenizer, model_cfg, patch_size: i
     """All evaluation blocks, LongTensor (n, block_tokens): documents as BOS + doc + EOS,
     concatenated and cut (CALM.md §9.7), from a shard directory or raw text files."""
     # The autoencoder reads documents padded to whole chunks, as in its training (CALM.md §1.3).
-    packing = "ae" if kind == "autoencoder" else "eval"
-    packer = Packer(packing, model_cfg.bos_token_id, model_cfg.eos_token_id, model_cfg.pad_token_id, patch_size)
+    packer = Packer(rules.PACKING_FOR_EVALUATION[kind], model_cfg.bos_token_id, model_cfg.eos_token_id, model_cfg.pad_token_id, patch_size)
     packer.check_block(block_tokens)
     if _is_shard_directory(paths):
         return _shard_blocks(paths[0], packer, tokenizer, model_cfg, block_tokens, max_blocks)

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from calm_dist.config.schema import JobConfig
 from calm_dist.evaluation.scorer import score_blocks, seed_streams
 from calm_dist.models.calm import unconditional_energy
+from calm_dist.models.kinds import CALM_KIND, model_kind
 
 BRIER_KEYS = ("brier1", "brier2", "brier3", "brier4", "brierlm")
 
@@ -35,27 +36,27 @@ def evaluate(model, cfg: JobConfig, blocks_BT: torch.Tensor, device: torch.devic
     unconditional level and BrierLM for CALM, cross-entropy, perplexity and BrierLM for the baseline.
     `blocks_BT` is this replica's slice (`rank_slice(all, rank, world_size)`). CALM's unconditional
     level is measured on `level_blocks_BT` (default: this rank's blocks), the same on every rank."""
-    kind = cfg.training.stage
+    spec = model_kind(cfg.training.stage)
     lockstep = dist.is_initialized() and dist.get_world_size() > 1
-    tally = score_blocks(model, kind, blocks_BT, cfg.training.seed, device, rank=rank, world_size=world_size,
+    tally = score_blocks(model, spec.name, blocks_BT, cfg.training.seed, device, rank=rank, world_size=world_size,
                          lockstep=lockstep, reconstruction=False)
     blocks = blocks_BT.shape[0] * world_size
-    sums = tally.sums
-    if kind == "autoencoder":
-        return {"ce": sums["ce"] / blocks, "recon_acc": sums["recon_sample"] / blocks, "blocks": blocks}
-    if kind == "calm":
-        brier = tally.brier["calm"].result()
-        metrics = {"loss": sums["energy_loss"] / blocks, "blocks": blocks, **{k: brier[k] for k in BRIER_KEYS}}
+    loss = tally.sums["loss"] / tally.sums["loss_weight"]
+    metrics = {spec.eval_log_loss: loss, "blocks": blocks}
+    if "recon_sample" in tally.sums:
+        metrics["recon_acc"] = tally.sums["recon_sample"] / blocks
+    if spec.brier_family is not None:
+        brier = tally.brier[spec.brier_family].result()
+        metrics.update({k: brier[k] for k in BRIER_KEYS})
+    if spec.perplexity:
+        metrics["ppl"] = float(torch.tensor(loss).exp())
+    if spec is CALM_KIND:
         # The level a CALM that ignores its context reaches (the collapse alarm): computed on the same
         # blocks by every rank, so it is not summed over ranks.
         metrics["uncond"] = unconditional_level(model, cfg.training.seed,
                                                 blocks_BT if level_blocks_BT is None else level_blocks_BT, device)
         metrics["gap_pct"] = 100 * (metrics["uncond"] - metrics["loss"]) / metrics["uncond"]
-        return metrics
-    brier = tally.brier["all"].result()
-    loss = sums["nll_sum"] / sums["nll_tokens"]
-    return {"loss": loss, "blocks": blocks, **{k: brier[k] for k in BRIER_KEYS},
-            "ppl": float(torch.tensor(loss).exp())}
+    return metrics
 
 
 @torch.no_grad()

@@ -14,13 +14,11 @@ import math
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from calm_dist.evaluation.terms import baseline_next_token_probs, calm_block_terms, lockstep_next_token_probs
-from calm_dist.ops.brier import BrierAccumulator, baseline_brier_terms, chunk_aligned_starts
-
-MAX_N = 4  # Brier-1..4
-
+from calm_dist.evaluation.lockstep import LockstepRollouts
+from calm_dist.models.kinds import model_kind
+from calm_dist.models.scoring import MAX_N
+from calm_dist.ops.brier import BrierAccumulator
 
 def block_seed(seed: int, block_index: int) -> int:
     """Independent, reproducible randomness per (seed, block), whatever rank scores the block."""
@@ -76,44 +74,23 @@ class Tally:
         return {**result, "brier_stderr": accumulator.stderr()}
 
 
-def _reconstruction(autoencoder, block_T: torch.Tensor, tally: Tally) -> None:
-    chunks = block_T.reshape(1, -1, autoencoder.cfg.patch_size)
-    tally.add("recon_sample", autoencoder.reconstruction_accuracy(chunks))
-    tally.add("recon_mean", autoencoder.reconstruction_accuracy(chunks, use_mean=True))
-
-
 @torch.no_grad()
 def score_block(model, kind: str, block_T: torch.Tensor, seed: int, tally: Tally, *, lockstep: bool = False,
                 reconstruction: bool = True) -> None:
-    """Add one block's metrics to the tally; `seed` drives all of the block's randomness.
-    `lockstep`: the baseline's rollouts run the same forwards on every rank (ZeRO-3).
-    `reconstruction`: also score CALM's frozen autoencoder on the block (after everything else, so
-    it never shifts the other figures' draws)."""
+    """Add one block's figures (`calm_dist.models.scoring`) to the tally; `seed` drives all of the
+    block's randomness. `lockstep`: the baseline's rollouts run the same forwards on every rank
+    (ZeRO-3). `reconstruction`: also score CALM's frozen autoencoder on the block."""
     seed_streams(seed, block_T.device)
-    if kind == "calm":
-        tally.add_brier("calm", calm_block_terms(model, block_T[None], max_n=MAX_N))
-        tally.add("energy_loss", model(block_T[None]).loss)
-        if reconstruction:
-            _reconstruction(model.autoencoder, block_T, tally)
-    elif kind == "baseline":
-        logits_TV = model.logits(block_T[None, :-1])[0].float()
-        tally.add("nll_sum", F.cross_entropy(logits_TV, block_T[1:], reduction="sum"))
-        tally.add("nll_tokens", logits_TV.shape[0])
-        generator = torch.Generator(device=block_T.device).manual_seed(seed)
-        if lockstep:
-            next_token_probs, top_up = lockstep_next_token_probs(model, calls=MAX_N - 1)
-        else:
-            next_token_probs, top_up = baseline_next_token_probs(model), None
-        terms_SN = baseline_brier_terms(torch.softmax(logits_TV, dim=-1), block_T, next_token_probs, generator,
-                                        max_n=MAX_N)
-        if top_up is not None:
-            top_up(block_T)
-        tally.add_brier("all", terms_SN)
-        # Start i is row i, so the aligned starts pick their rows from the same draws (§9.8).
-        tally.add_brier("aligned", terms_SN[chunk_aligned_starts(block_T.shape[0], model.cfg.patch_size, MAX_N)])
-    else:
-        tally.add("ce", model(block_T.reshape(1, -1, model.cfg.patch_size)).ce)
-        _reconstruction(model, block_T, tally)
+    rollout = LockstepRollouts(calls=MAX_N - 1) if lockstep else None
+    score = model_kind(kind).score_block(model, block_T, seed, reconstruction=reconstruction, rollout=rollout)
+    if rollout is not None:
+        rollout.top_up(block_T)
+    tally.add("loss", score.loss)
+    tally.add("loss_weight", score.loss_weight)
+    for name, value in score.scalars.items():
+        tally.add(name, value)
+    for family, terms_SN in score.brier.items():
+        tally.add_brier(family, terms_SN)
 
 
 @torch.no_grad()
@@ -137,19 +114,17 @@ def score_blocks(model, kind: str, blocks_BT: torch.Tensor, seed: int, device: t
 def metrics_from(kind: str, tally: Tally, blocks: int, block_tokens: int) -> tuple[dict, int]:
     """calm-eval's metrics and the number of positions scored (Brier positions for the language
     models, tokens for the autoencoder)."""
-    sums = tally.sums
-    if kind == "baseline":
-        brier = tally.brier_summary("all")
-        positions = brier.pop("positions")
-        ce = sums["nll_sum"] / sums["nll_tokens"]
-        return {**brier, "aligned": tally.brier_summary("aligned"), "ce": ce, "ppl": math.exp(ce)}, positions
-    reconstruction = ({"sample": sums["recon_sample"] / blocks, "mean": sums["recon_mean"] / blocks}
-                      if "recon_sample" in sums else None)
-    if kind == "calm":
-        brier = tally.brier_summary("calm")
-        positions = brier.pop("positions")
-        metrics = {**brier, "energy_loss": sums["energy_loss"] / blocks}
-        if reconstruction is not None:
-            metrics["reconstruction"] = reconstruction
-        return metrics, positions
-    return {"ce": sums["ce"] / blocks, "reconstruction": reconstruction}, blocks * block_tokens
+    spec, sums = model_kind(kind), tally.sums
+    loss = sums["loss"] / sums["loss_weight"]
+    metrics, positions = {}, blocks * block_tokens
+    if spec.brier_family is not None:
+        metrics = tally.brier_summary(spec.brier_family)
+        positions = metrics.pop("positions")
+        for family in sorted(set(tally.brier) - {spec.brier_family}):
+            metrics[family] = tally.brier_summary(family)  # e.g. the baseline's chunk-aligned starts
+    metrics[spec.loss_name] = loss
+    if spec.perplexity:
+        metrics["ppl"] = math.exp(loss)
+    if "recon_sample" in sums:
+        metrics["reconstruction"] = {"sample": sums["recon_sample"] / blocks, "mean": sums["recon_mean"] / blocks}
+    return metrics, positions

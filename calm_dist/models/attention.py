@@ -1,4 +1,4 @@
-"""Attention backends, an explicit choice (ANCHORS.md §0 item 2).
+"""Attention backends, an explicit choice.
 
 - `flash_attn`: the flash-attn package (GPU only, fp16/bf16).
 - `sdpa`: `torch.nn.functional.scaled_dot_product_attention`; FlashAttention kernels on CUDA, a

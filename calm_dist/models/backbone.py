@@ -26,6 +26,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import init_method_normal
 
+from calm_dist.config.rules import query_groups
 from calm_dist.config.schema import ModelConfig
 from calm_dist.models.attention import CORE_ATTENTION, resolve_attention_backend
 
@@ -43,7 +44,7 @@ class BackboneOptions:
 
 
 def _num_query_groups(cfg: ModelConfig) -> int:
-    return cfg.num_query_groups or cfg.num_attention_heads  # 0 means multi-head attention
+    return query_groups(cfg)  # 0 means multi-head attention
 
 
 def backbone_param_count(cfg: ModelConfig) -> int:

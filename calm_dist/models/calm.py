@@ -13,18 +13,14 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from calm_dist.config.rules import head_blocks
 from calm_dist.config.schema import ModelConfig
-from calm_dist.ops.collapse import pairwise_cosine_tensor
 from calm_dist.models.autoencoder import Autoencoder
 from calm_dist.models.backbone import Backbone, BackboneOptions
 from calm_dist.models.compressor import ChunkCompressor
 from calm_dist.models.energy_head import EnergyHead
+from calm_dist.ops.collapse import pairwise_cosine_tensor
 from calm_dist.ops.energy import energy_loss
-
-
-def head_blocks(cfg: ModelConfig) -> int:
-    """Energy-head depth: num_mlp_layers, or layers / 4 as in the paper."""
-    return cfg.num_mlp_layers or max(1, cfg.num_layers // 4)
 
 
 class CALMOutput(NamedTuple):

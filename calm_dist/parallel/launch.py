@@ -39,7 +39,7 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
         torch.cuda.set_device(dev)
     else:
         # DeepSpeed would otherwise JIT-compile its shared-memory op (~1 minute) on the CPU
-        # accelerator; plain gloo collectives are all a CPU run needs (STACK.md §2).
+        # accelerator; plain gloo collectives are all a CPU run needs.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed.ops
 

@@ -47,7 +47,7 @@ class MemoryEstimate:
 def _stage_params(cfg: JobConfig) -> tuple[float, float]:
     """Trainable parameters per GPU on the first and on the last pipeline stage."""
     from calm_dist.models.backbone import backbone_param_count
-    from calm_dist.models.calm import head_blocks
+    from calm_dist.config.rules import head_blocks
     from calm_dist.models.compressor import compressor_param_count
     from calm_dist.models.energy_head import energy_head_param_count
 
@@ -69,7 +69,7 @@ def _stage_params(cfg: JobConfig) -> tuple[float, float]:
 
 def estimate_memory(cfg: JobConfig) -> MemoryEstimate:
     """For a validated config (its world size in `cfg.derived`)."""
-    from calm_dist.models.calm import head_blocks
+    from calm_dist.config.rules import head_blocks
 
     m, par, tr, d = cfg.model, cfg.parallel, cfg.training, cfg.derived
     first, last = _stage_params(cfg)

@@ -8,9 +8,7 @@ from torch import nn
 
 from calm_dist.config.schema import JobConfig
 from calm_dist.data.tokenizer import load_tokenizer
-from calm_dist.models.autoencoder import Autoencoder
-from calm_dist.models.baseline import TokenBaseline
-from calm_dist.models.calm import CALM
+from calm_dist.models.kinds import model_kind
 from calm_dist.parallel.state import ensure_model_parallel
 
 
@@ -31,11 +29,7 @@ def tokenizer_for(cfg: JobConfig):
 
 
 def build_for_stage(cfg: JobConfig, autoencoder: nn.Module | None = None) -> nn.Module:
-    """An untrained model of the run's kind (weights are loaded afterwards)."""
+    """An untrained model of the run's kind (weights are loaded afterwards); CALM gets
+    `autoencoder` when given (a converted directory may keep it beside), else a fresh one."""
     ensure_model_parallel()
-    stage = cfg.training.stage
-    if stage == "autoencoder":
-        return Autoencoder(cfg.autoencoder)
-    if stage == "baseline":
-        return TokenBaseline(cfg.model)
-    return CALM(cfg.model, autoencoder if autoencoder is not None else Autoencoder(cfg.autoencoder))
+    return model_kind(cfg.training.stage).build(cfg, None, autoencoder)

@@ -3,7 +3,7 @@
 The `ds_configs/*.json` presets (package data in calm_dist/ds_configs/; `ds_configs` at the
 repository root links there) hold the ZeRO settings only; the batch fields, clipping and precision
 are always filled from our validated config (the single source of truth), and the ZeRO-3 buckets
-are sized from the model's hidden size (ANCHORS.md §1.7).
+are sized from the model's hidden size.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from calm_dist.config.schema import JobConfig
+from calm_dist.models.kinds import model_kind
 from calm_dist.optim import param_groups
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def build_ds_config(cfg: JobConfig, on_cuda: bool) -> dict:
     """The merged DeepSpeed config for this run (saved with the run and every checkpoint)."""
     ds = load_preset(preset_path(cfg))
     d = cfg.derived
-    h = cfg.model.hidden_size if cfg.training.stage != "autoencoder" else cfg.autoencoder.hidden_size
+    h = model_kind(cfg.training.stage).hidden_size(cfg)
     ds["train_batch_size"] = d.global_batch_size
     ds["train_micro_batch_size_per_gpu"] = cfg.training.micro_batch_size
     ds["gradient_accumulation_steps"] = d.gradient_accumulation_steps

@@ -1,6 +1,6 @@
 """Rank-0 metrics: one console line per log interval, and the sinks (JSONL, TensorBoard, W&B).
 
-The console line (ANCHORS.md §6 "Metrics line"), built by the pure `format_metrics_line`:
+The console line, built by the pure `format_metrics_line`:
 
     step 120/2000 | loss 19.84 (fid 10.01 div 0.18) | grad 0.91 | lr 1.0e-03 | 5,210 tok/s 1,302 vec/s
     | 0.8 TFLOP/s MFU 12.3% | mem 1.2 GiB | data 3 ms

@@ -2,7 +2,7 @@
 and the process's own memory high-water marks.
 
 Nothing here raises on a machine without a GPU: NVML is probed once, and without it (no driver
-library: `NVMLError_LibraryNotFound`; STACK.md §6) `GpuTelemetry.available` is False, `.note` says
+library: `NVMLError_LibraryNotFound`) `GpuTelemetry.available` is False, `.note` says
 why and `.sample()` returns {}. NVML is shut down only if it was initialised.
 """
 

@@ -18,9 +18,10 @@ import torch
 import torch.distributed as dist
 
 from calm_dist import __version__
-from calm_dist.config import config_to_dict, save_config
+from calm_dist.config import config_to_dict, rules, save_config
 from calm_dist.config.schema import JobConfig
 from calm_dist.evaluation.in_training import evaluate, rank_slice
+from calm_dist.models.kinds import AUTOENCODER, CALM_KIND, model_kind
 from calm_dist.parallel.launch import DistInfo
 from calm_dist.training import stages
 from calm_dist.checkpoint.integrity import NonFiniteState
@@ -123,10 +124,10 @@ def checkpoint_meta(cfg: JobConfig, state: TrainState, world_size: int, ds_confi
 class Trainer:
     def __init__(self, cfg: JobConfig, info: DistInfo, start_time: float | None = None):
         from calm_dist.data.loader import build_train_loader, read_eval_blocks
-        from calm_dist.data.packing import packing_for
         from calm_dist.checkpoint.manager import CheckpointManager, check_compatible
 
         self.cfg, self.info = cfg, info
+        self.kind = model_kind(cfg.training.stage)
         self.start_time = time.time() if start_time is None else start_time
         self.run_dir = Path(cfg.training.output_dir)
         self.checkpoints = CheckpointManager(
@@ -153,7 +154,7 @@ class Trainer:
         self.layout = layout = current_layout()
         # The autoencoder reads documents padded to whole chunks (CALM.md §1.3); the language
         # models read documents concatenated (§2.6).
-        packing = packing_for(cfg.training.stage)
+        packing = rules.PACKING_FOR_TRAINING[cfg.training.stage]
         k = cfg.autoencoder.patch_size
         self.loader = build_train_loader(
             cfg.data.train_path,
@@ -173,7 +174,7 @@ class Trainer:
         if cfg.data.valid_path and cfg.training.eval_steps:
             blocks = read_eval_blocks(cfg.data.valid_path, cfg.derived.block_tokens,
                                       max_blocks=cfg.training.eval_steps,
-                                      packing="ae" if packing == "ae" else "eval", patch_size=k)
+                                      packing=rules.PACKING_FOR_EVALUATION[cfg.training.stage], patch_size=k)
             self.eval_blocks = rank_slice(blocks, layout.dp_rank, layout.data_parallel)
             # CALM's unconditional level is the marginal of ALL the evaluation blocks, on every rank:
             # one figure whatever the number of replicas (a slice can be a single document).
@@ -250,7 +251,7 @@ class Trainer:
     def train_step(self, batches) -> dict[str, float]:
         if self.cfg.parallel.regime == "3d":
             return self._train_step_3d(batches)
-        cfg, engine = self.cfg, self.engine
+        cfg, engine, kind = self.cfg, self.engine, self.kind
         accum = cfg.derived.gradient_accumulation_steps
         losses, extras, data_time, done = [], {}, 0.0, 0
         bad_losses = bad_steps = 0  # in a row: non-finite losses (micro-batches), non-finite gradients (steps)
@@ -258,7 +259,7 @@ class Trainer:
             start = time.perf_counter()
             tokens = next(batches).to(self.info.device, non_blocking=True)
             data_time += time.perf_counter() - start
-            out = engine(stages.model_inputs(cfg, tokens))
+            out = engine(kind.inputs(cfg, tokens))
             if not _all_finite(out.loss.detach()):
                 # Skip the micro-batch on every rank: no backward, no step; the next batch takes
                 # its place, so the weights never see the non-finite values.
@@ -270,7 +271,7 @@ class Trainer:
             engine.backward(out.loss)
             engine.step()
             losses.append(out.loss.item())
-            for key, value in stages.step_metrics(cfg, out).items():
+            for key, value in kind.step_metrics(out).items():
                 extras[key] = extras.get(key, 0.0) + value / accum
             done += 1
             if done == accum and not engine.was_step_applied():
@@ -325,7 +326,7 @@ class Trainer:
         micro = list(blocks.split(self.cfg.training.micro_batch_size))
         if len(micro) > 1 and micro[-1].shape[0] != micro[0].shape[0]:
             micro = micro[:-1]  # the schedule sends fixed-shape activations
-        calm = self.cfg.training.stage == "calm"
+        calm = self.kind is CALM_KIND  # its unconditional level feeds the collapse alarm
         # Own seeded streams, the training ones put back (as evaluate() does in the zero3 regime).
         with torch.random.fork_rng(devices=[self.info.device] if self.info.device.type == "cuda" else []):
             seed_streams(self.cfg.training.seed, self.info.device)
@@ -413,7 +414,7 @@ class Trainer:
             if last_saved != self.state.step:
                 self.save()
             finished = self.state.step >= cfg.training.train_steps
-            if cfg.training.stage == "autoencoder" and finished:
+            if self.kind is AUTOENCODER and finished:
                 self.export_autoencoder()  # whatever stopped the loop at the last step
             if self.eval_blocks is not None and finished and last_eval != self.state.step:
                 self.final_eval = self._evaluate()

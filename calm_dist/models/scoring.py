@@ -1,0 +1,104 @@
+"""One evaluation block's figures for each model kind: loss, BrierLM terms (CALM.md §3.2, §3.3,
+§9.7, §9.8) and reconstruction, as plain numbers and tensors. Summing them over blocks and ranks
+is `calm_dist.evaluation`'s job; the caller seeds the block's random streams first."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from calm_dist.ops.brier import NextTokenProbs, baseline_brier_terms, calm_brier_terms, chunk_aligned_starts
+
+MAX_N = 4  # Brier-1..4
+RolloutFactory = Callable[[torch.nn.Module], NextTokenProbs]
+
+
+@dataclass
+class BlockScore:
+    """`loss` / `loss_weight` summed over blocks is the mean loss (per block, or per token for the
+    baseline); `scalars` are other per-block sums; `brier` maps a family to its (S, MAX_N) terms."""
+
+    loss: float
+    loss_weight: float = 1.0
+    scalars: dict[str, float] = field(default_factory=dict)
+    brier: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def calm_block_terms(model, tokens_BT: torch.Tensor, max_n: int = MAX_N) -> torch.Tensor:
+    """Teacher-forced two-sample terms for blocks of (S + 1) * K tokens: (B * S, max_n)."""
+    k = model.cfg.patch_size
+    h_BSD = model.hidden_states(tokens_BT[:, :-k])
+    samples_2PK = model.sample_chunks(h_BSD.reshape(-1, h_BSD.shape[-1]), 2)
+    targets_PK = tokens_BT[:, k:].reshape(-1, k)
+    return calm_brier_terms(samples_2PK[0], samples_2PK[1], targets_PK, max_n=max_n)
+
+
+def baseline_next_token_probs(model, micro_batch: int = 8) -> NextTokenProbs:
+    """The `next_token_probs` callable for `baseline_brier_terms`. Prefixes are right-padded into
+    micro-batches (causal attention makes the padding invisible to the positions read) and only
+    the last position of each goes through the vocabulary projection, so memory stays at
+    micro_batch x T x D plus micro_batch x V. Each prefix is recomputed from scratch: a KV cache of
+    the shared context would be cheaper and is the next optimisation."""
+
+    def next_token_probs(prefixes: list[torch.Tensor]) -> torch.Tensor:
+        device = model.embed_tokens.weight.device
+        out = []
+        for first in range(0, len(prefixes), micro_batch):
+            group = prefixes[first : first + micro_batch]
+            lengths = torch.tensor([len(p) for p in group], device=device)
+            batch = torch.full((len(group), int(lengths.max())), model.cfg.pad_token_id, dtype=torch.long, device=device)
+            for row, prefix in enumerate(group):
+                batch[row, : len(prefix)] = prefix.to(device)
+            h_BTD = model.backbone(model.embed_tokens(batch))
+            last_BD = h_BTD[torch.arange(len(group), device=device), lengths - 1]
+            out.append(torch.softmax(model.lm_head(last_BD).float(), dim=-1))
+        return torch.cat(out)
+
+    return next_token_probs
+
+
+def _reconstruction(autoencoder, block_T: torch.Tensor) -> dict[str, float]:
+    chunks = block_T.reshape(1, -1, autoencoder.cfg.patch_size)
+    return {"recon_sample": float(autoencoder.reconstruction_accuracy(chunks)),
+            "recon_mean": float(autoencoder.reconstruction_accuracy(chunks, use_mean=True))}
+
+
+@torch.no_grad()
+def score_autoencoder_block(model, block_T: torch.Tensor, seed: int, *, reconstruction: bool = True,
+                            rollout: RolloutFactory | None = None) -> BlockScore:
+    """Cross-entropy of the reconstruction and token accuracy (a posterior sample, the mean)."""
+    loss = float(model(block_T.reshape(1, -1, model.cfg.patch_size)).ce)
+    return BlockScore(loss, scalars=_reconstruction(model, block_T))
+
+
+@torch.no_grad()
+def score_calm_block(model, block_T: torch.Tensor, seed: int, *, reconstruction: bool = True,
+                     rollout: RolloutFactory | None = None) -> BlockScore:
+    """BrierLM terms from two head samples per position, the energy loss, and (after everything
+    else, so it never shifts their draws) the frozen autoencoder's reconstruction."""
+    terms_SN = calm_block_terms(model, block_T[None])
+    score = BlockScore(float(model(block_T[None]).loss), brier={"calm": terms_SN})
+    if reconstruction:
+        score.scalars.update(_reconstruction(model.autoencoder, block_T))
+    return score
+
+
+@torch.no_grad()
+def score_baseline_block(model, block_T: torch.Tensor, seed: int, *, reconstruction: bool = True,
+                         rollout: RolloutFactory | None = None) -> BlockScore:
+    """Next-token cross-entropy per token and BrierLM terms over every start and over the
+    chunk-aligned starts (the same draws). `rollout` builds the callable that runs the sampled
+    continuations (default: `baseline_next_token_probs`)."""
+    logits_TV = model.logits(block_T[None, :-1])[0].float()
+    nll = float(F.cross_entropy(logits_TV, block_T[1:], reduction="sum"))
+    generator = torch.Generator(device=block_T.device).manual_seed(seed)
+    next_token_probs = (rollout or baseline_next_token_probs)(model)
+    terms_SN = baseline_brier_terms(torch.softmax(logits_TV, dim=-1), block_T, next_token_probs, generator,
+                                    max_n=MAX_N)
+    # Start i is row i, so the aligned starts pick their rows from the same draws (§9.8).
+    aligned = terms_SN[chunk_aligned_starts(block_T.shape[0], model.cfg.patch_size, MAX_N)]
+    return BlockScore(nll, loss_weight=logits_TV.shape[0], brier={"all": terms_SN, "aligned": aligned})
