@@ -345,3 +345,22 @@ def test_generate_refuses_bad_input_with_one_clear_line(runs, tmp_path, capsys):
     assert "no prompts" in refused(runs["calm"], "--prompts-file", empty)
     assert "does not generate" in refused(runs["autoencoder"], "--prompt", "Hi")
     assert "model steps" in refused(runs["baseline"], "--prompt", "Hi", "--max-new-tokens", 100)
+
+
+def test_data_whose_ids_are_not_the_models_is_refused_by_training_and_evaluation(corpus, runs):
+    """One check for both: shards whose vocabulary or special ids differ from the model's config."""
+    from calm_dist.config import load_config
+    from calm_dist.evaluation.blocks import EvalInputError, load_blocks
+    from calm_dist.pretrained import load_pretrained
+    from calm_dist.training.trainer import check_data_matches_model
+
+    t = corpus.train
+    cfg = load_config(["tiny_calm"], [f"data.train_path={t.directory}", f"data.valid_path={corpus.valid.directory}",
+                                      f"model.vocab_size={t.vocab_size + 1}", f"model.pad_token_id={t.pad_id}",
+                                      f"model.bos_token_id={t.bos_id}", f"model.eos_token_id={t.eos_id + 1}"])
+    with pytest.raises(ValueError, match=r"model.vocab_size = .* but the shards say .*model.eos_token_id"):
+        check_data_matches_model(cfg)
+    model_cfg = load_pretrained(runs["calm"]).config.model
+    model_cfg.bos_token_id += 1
+    with pytest.raises(EvalInputError, match=r"does not fit the model: bos_token_id"):
+        load_blocks([str(corpus.valid.directory)], "calm", None, model_cfg, K, 17 * K, 2)

@@ -159,3 +159,12 @@ def check_tokenizer(path_or_index: "str | Path | ShardIndex", tokenizer_or_finge
             "prepare the data again with this tokenizer, or point data.tokenizer at the one the "
             "shards were made with"
         )
+
+
+def id_mismatches(vocab_size: int, bos_id: int, eos_id: int, pad_id: int, model_cfg) -> list[tuple[str, int, int]]:
+    """(model field, the data's value, the model's) for each of the vocabulary size and special
+    ids on which data (shards, a tokenizer) and a model's config disagree: token ids must mean
+    what they meant in training."""
+    pairs = {"vocab_size": vocab_size, "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
+    return [(name, theirs, getattr(model_cfg, name)) for name, theirs in pairs.items()
+            if theirs != getattr(model_cfg, name)]

@@ -1,13 +1,12 @@
-"""Text documents -> tokenized WebDataset shards + index.json, per split (`calm-prepare-data`).
+"""Text documents -> tokenized WebDataset shards + index.json, per split: the library behind
+`calm-prepare-data` (its command line is `calm_dist/cli/prepare_data.py`).
 
-    calm-prepare-data data/sotu --bundled --vocab-size 4096         # the quickstart corpus
-    calm-prepare-data data/mine --input texts/ --tokenizer gpt2    # your own .txt/.md/.jsonl files
-    calm-prepare-data data/markov --synthetic markov                # a known law: does a setup learn?
-    calm-prepare-data verify data/sotu                              # every shard against its index
+    from calm_dist.data.prepare import prepare_bundled_corpus, prepare_shards
+    prepared = prepare_bundled_corpus("data/sotu", vocab_size=4096)   # prepared.train, .valid: ShardIndex
 
 Output: OUT/train/ and OUT/valid/ (shards + index.json each) and, for a trained tokenizer,
-OUT/tokenizer.json. Validation holds out every n-th document whole (--valid-every) or comes from
---valid-input. An interrupted run leaves only whole shards; running the same command again resumes.
+OUT/tokenizer.json. Validation holds out every n-th document whole or comes from separate
+documents. An interrupted preparation leaves only whole shards; the same call again resumes.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import torch
 
 from calm_dist.config import rules
 from calm_dist.data.corpus import iter_documents
-from calm_dist.data.index import INDEX_NAME, check_tokenizer, is_shard_url, load_index
+from calm_dist.data.index import INDEX_NAME, check_tokenizer, id_mismatches, is_shard_url, load_index
 from calm_dist.data.loader import read_eval_blocks
 from calm_dist.data.packing import Packer, cut_blocks
 from calm_dist.models.kinds import model_kind
@@ -56,9 +56,7 @@ def _is_shard_directory(paths: list[str]) -> bool:
 
 def _check_ids(source: str, vocab_size: int, bos: int, eos: int, pad: int, model_cfg) -> None:
     """Token ids from `source` (shards or the tokenizer) must mean what they meant in training."""
-    pairs = {"vocab_size": (vocab_size, model_cfg.vocab_size), "bos_id": (bos, model_cfg.bos_token_id),
-             "eos_id": (eos, model_cfg.eos_token_id), "pad_id": (pad, model_cfg.pad_token_id)}
-    wrong = [f"{name} {theirs} (model {mine})" for name, (theirs, mine) in pairs.items() if theirs != mine]
+    wrong = [f"{name} {theirs} (model {mine})" for name, theirs, mine in id_mismatches(vocab_size, bos, eos, pad, model_cfg)]
     if wrong:
         raise EvalInputError(f"{source} does not fit the model: {', '.join(wrong)}")
 

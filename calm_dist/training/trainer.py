@@ -55,17 +55,15 @@ def _all_finite(value: torch.Tensor) -> bool:
 def check_data_matches_model(cfg: JobConfig) -> None:
     """The shards' vocabulary and special ids must be the model's; with data.tokenizer pointing
     at a tokenizer file, its fingerprint must be the one the shards were made with."""
-    from calm_dist.data.index import check_tokenizer, load_index
+    from calm_dist.data.index import check_tokenizer, id_mismatches, load_index
 
     if not cfg.data.train_path:
         raise ValueError("data.train_path is empty: prepare shards with calm-prepare-data and point to them")
     m = cfg.model
     for path in filter(None, (cfg.data.train_path, cfg.data.valid_path)):
         index = load_index(path)
-        pairs = {"vocab_size": (index.vocab_size, m.vocab_size), "bos_token_id": (index.bos_id, m.bos_token_id),
-                 "eos_token_id": (index.eos_id, m.eos_token_id), "pad_token_id": (index.pad_id, m.pad_token_id)}
-        wrong = [f"model.{name} = {ours} but the shards say {theirs}" for name, (theirs, ours) in pairs.items()
-                 if theirs != ours]
+        wrong = [f"model.{name} = {ours} but the shards say {theirs}"
+                 for name, theirs, ours in id_mismatches(index.vocab_size, index.bos_id, index.eos_id, index.pad_id, m)]
         if wrong:
             raise ValueError(f"{path}: the shards do not match the model: " + "; ".join(wrong)
                              + " (set these model fields from the shards' tokenizer)")
