@@ -25,7 +25,7 @@ def _has(module: str) -> bool:
 def nvml_available() -> bool:
     """True when NVIDIA's management library answers (GPU telemetry); never raises."""
     try:
-        import pynvml
+        import pynvml  # lazy: optional; the report says when NVML is missing
     except ImportError:
         return False
     try:

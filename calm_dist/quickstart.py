@@ -27,6 +27,11 @@ import time
 import warnings
 from pathlib import Path
 
+from calm_dist.config import load_config
+from calm_dist.config.validate import validate
+from calm_dist.data.tokenizer import load_tokenizer
+from calm_dist.training.metrics import read_metrics
+
 PRESETS = {  # (autoencoder, CALM, token baseline)
     "quickstart": ("quickstart_autoencoder", "quickstart_calm", "quickstart_baseline"),
     "demo": ("demo_autoencoder", "demo_calm", "demo_baseline"),
@@ -40,8 +45,6 @@ def _banner(step: int, text: str) -> None:
 
 
 def _train(preset: str, overrides: list[str], steps_scale: float, log_file: Path, steps: int | None = None) -> None:
-    from calm_dist.config import load_config
-
     cfg = load_config([preset])
     steps = steps or max(2, int(cfg.training.train_steps * steps_scale))
     steps_scale = steps / cfg.training.train_steps
@@ -67,8 +70,6 @@ def _train(preset: str, overrides: list[str], steps_scale: float, log_file: Path
 
 
 def _last_eval(run_dir: Path) -> dict:
-    from calm_dist.training.metrics import read_metrics
-
     last = {}
     for record in read_metrics(run_dir / "metrics.jsonl"):
         if record.get("kind") == "eval":
@@ -97,9 +98,7 @@ def summarize(ae_run: Path, calm_run: Path, baseline_run: Path | None = None) ->
 
 def equal_flops_steps(calm_preset: str, baseline_preset: str, calm_steps: int, overrides: list[str]) -> int:
     """Baseline steps whose training FLOPs equal CALM's over `calm_steps` (calm_dist/flops.py)."""
-    from calm_dist.config import load_config
-    from calm_dist.config.validate import validate
-    from calm_dist.flops import training_flops_per_token
+    from calm_dist.flops import training_flops_per_token  # lazy: imports the models (megatron-core, ~3 s)
 
     def per_step(preset: str) -> float:
         cfg = validate(load_config([preset], overrides))
@@ -123,14 +122,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the token baseline of equal training FLOPs trained beside CALM")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed")
-    from calm_dist.config import load_config
-
     start = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ae_preset, calm_preset, baseline_preset = PRESETS[args.preset]
 
     _banner(1, "prepare data: BPE tokenizer + WebDataset shards of the bundled corpus")
+    # lazy: torch and webdataset (~1.5 s); --help needs neither
     from calm_dist.data.prepare import prepare_bundled_corpus
 
     data = prepare_bundled_corpus(out / "data", vocab_size=args.vocab_size)
@@ -173,9 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  token baseline (equal training FLOPs): CE {baseline_eval['loss']:.3f}, {_brier_line(baseline_eval)}")
 
     _banner(6, "generate")
+    # lazy: torch and megatron-core (~3 s); the training stages ran in their own processes
     import torch
 
-    from calm_dist.data.tokenizer import load_tokenizer
     from calm_dist.generation import generate_calm
     from calm_dist.pretrained import load_pretrained
 

@@ -18,10 +18,16 @@ import sys
 import time
 
 import torch
+import yaml
 
+from calm_dist.checkpoint.manager import CheckpointSaveError, NonFiniteState
 from calm_dist.common.dist_env import read_dist_env
 from calm_dist.config import ConfigError, config_to_dict, load_config, validate
+from calm_dist.environment import log_backend_report
+from calm_dist.parallel.launch import init_distributed
+from calm_dist.parallel.memory import describe
 from calm_dist.training.engine import DeepSpeedPresetError, build_ds_config
+from calm_dist.training.run_lock import RunLock
 
 
 def _setup_logging(rank: int) -> None:
@@ -48,20 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"calm-train: error: {err}", file=sys.stderr)
         return 2
     if args.dry_run:
-        import yaml
-
-        from calm_dist.parallel.memory import describe
-
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         if ds_config is not None:
             print(json.dumps(ds_config, indent=2))
         print(describe(cfg), end="")
         return 0
 
-    from calm_dist.environment import log_backend_report
-    from calm_dist.parallel.launch import init_distributed
-    from calm_dist.checkpoint.manager import CheckpointSaveError, NonFiniteState
-    from calm_dist.training.run_lock import RunLock
+    # lazy: the trainer imports megatron-core, the data loader and more (seconds); config errors come first
     from calm_dist.training.trainer import Trainer, TrainingStopped
 
     _setup_logging(read_dist_env().rank)

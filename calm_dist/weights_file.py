@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import safe_open
 
 
 class WeightsFileError(ValueError):
@@ -25,8 +26,6 @@ def _damaged(file: Path, exc: Exception) -> WeightsFileError:
 @contextmanager
 def open_safetensors(file: str | Path) -> Iterator:
     """`safetensors.safe_open(file, framework="pt")`, its failures as WeightsFileError."""
-    from safetensors import safe_open
-
     file = Path(file)
     if not file.is_file():
         raise WeightsFileError(f"{file} is missing")

@@ -1,4 +1,4 @@
-"""Evaluation (`calm-eval`) and generation (`calm_dist.generate`) from trained tiny models.
+"""Evaluation (`calm-eval`) and generation (`calm-generate`) from trained tiny models.
 
 The token-baseline Brier estimator is checked against exact Brier-n enumerated from the softmax;
 the command lines run on a tiny autoencoder, CALM and baseline trained by the real trainer (single
@@ -279,7 +279,7 @@ def test_eval_refuses_bad_input_with_one_clear_line(runs, corpus, tmp_path, caps
 # Generation ------------------------------------------------------------------------------------
 
 def _generate(*argv) -> int:
-    from calm_dist.generate import main
+    from calm_dist.cli.generate import main
 
     return main([str(a) for a in argv])
 

@@ -10,11 +10,13 @@ to float tolerance (TP and PP only change the order of float sums).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from calm_dist.checkpoint.reshard import LayoutChangeError, SavedLayout, continued_rank_state, read_merged, source_rank
 from calm_dist.config import load_config, validate
 from calm_dist.models.autoencoder import Autoencoder
 from calm_dist.models.autoencoder_io import save_autoencoder
@@ -99,7 +101,8 @@ def _reference(preset: str, overrides: list[str], tokens, dp: int, pp: int):
     return losses, first_grads, norms, weights
 
 
-def _run(tmp_path: Path, seed_files, preset: str, tp: int, pp: int, dp: int, accum: int, extra: list[str]):
+def _run(tmp_path: Path, seed_files, preset: str, tp: int, pp: int, dp: int, accum: int, extra: list[str],
+         reload: bool = False):
     root, files = seed_files
     overrides = SHAPE + [
         f"training.autoencoder_path={root / 'autoencoder'}", f"training.init_weights={files[preset]}",
@@ -110,7 +113,8 @@ def _run(tmp_path: Path, seed_files, preset: str, tp: int, pp: int, dp: int, acc
     generator = torch.Generator().manual_seed(11)
     tokens = torch.randint(1, cfg.model.vocab_size - 1, (STEPS, dp, accum, 2, cfg.derived.block_tokens), generator=generator)
     torch.save(tokens, tmp_path / "tokens.pt")
-    spec = {"preset": preset, "overrides": overrides, "tokens": str(tmp_path / "tokens.pt"), "out": str(tmp_path)}
+    spec = {"preset": preset, "overrides": overrides, "tokens": str(tmp_path / "tokens.pt"), "out": str(tmp_path),
+            "reload": reload}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     run_distributed(WORKERS / "parallel3d_worker.py", str(tmp_path / "spec.json"), nproc=tp * pp * dp,
                     tmp_path=tmp_path, timeout=240)
@@ -171,8 +175,20 @@ def test_tp2_dp2_calm_matches_one_process_and_draws_noise_per_replica(tmp_path, 
     """TP=2 x DP=2 with ZeRO-1 and selective recomputation; the energy head's noise is the same on
     the tensor ranks of a replica and differs between replicas."""
     cfg, ranks, reference = _run(tmp_path, seed_files, "tiny_calm", tp=2, pp=1, dp=2, accum=1,
-                                 extra=["parallel.zero_stage=1", "parallel.activation_recompute=selective"])
+                                 extra=["parallel.zero_stage=1", "parallel.activation_recompute=selective"],
+                                 reload=True)
     _assert_matches(cfg, ranks, reference, tmp_path)
+    # ZeRO-1: each replica's optimizer file holds the moments of its share of the parameters, by
+    # name; merged over replicas and tensor ranks they are every trainable parameter's, once.
+    checkpoint = tmp_path / "checkpoints" / "global_step3"
+    parts = [set(torch.load(checkpoint / f"optim_tp00_pp000_dp{dp:03d}.pt", weights_only=True)["moments"]["chunk0"]
+                 ["exp_avg"]) for dp in (0, 1)]
+    assert parts[0] and parts[1] and not parts[0] & parts[1]
+    merged = read_merged(checkpoint, SavedLayout.read(checkpoint), with_optimizer=True)
+    assert set(merged.moments["exp_avg"]) == set(reference[1])
+    # and a fresh engine on each rank loads them back (the same layout: each rank its own file)
+    reloads = [torch.load(tmp_path / f"reload_{rank}.pt", weights_only=True) for rank in range(4)]
+    assert all(r["weights"] and r["moments"] and 0 < r["with_state"] < r["params"] for r in reloads), reloads
     noise = {(r["layout"]["dp_rank"], r["layout"]["tp_rank"]): r["noise"] for r in ranks}
     assert torch.equal(noise[(0, 0)], noise[(0, 1)]) and torch.equal(noise[(1, 0)], noise[(1, 1)])
     assert not torch.allclose(noise[(0, 0)], noise[(1, 0)])
@@ -231,24 +247,36 @@ def test_shard_and_merge_are_inverse_for_every_layout(seed_files):
                        torch.cat([gate.chunk(2)[1], up.chunk(2)[1]]))
 
 
-def test_trainer_resumes_a_tp2_pp2_run_exactly(tmp_path):
+@pytest.fixture(scope="module")
+def trainer_run(tmp_path_factory):
+    """`calm-train` in the 3d regime, 4 steps at TP=2 x PP=2 (4 ranks, 2 micro-batches per step),
+    a checkpoint after every step (kept): the uninterrupted reference of the resume tests."""
+    from tests.train_utils import TINY, prepared_corpus_overrides, train
+
+    root = tmp_path_factory.mktemp("trainer3d")
+    data = prepared_corpus_overrides(root / "data")
+    ae_cfg = _config("tiny_calm", data + TINY).autoencoder
+    torch.manual_seed(0)
+    save_autoencoder(Autoencoder(ae_cfg).state_dict(), ae_cfg, root / "autoencoder")
+    common = [f"training.autoencoder_path={root / 'autoencoder'}", "parallel.regime=3d",
+              "parallel.pipeline_parallel=2", "parallel.zero_stage=1", "training.gradient_accumulation_steps=2",
+              "training.save_interval=2", "training.eval_interval=2", "optimizer.warmup_steps=0"]  # fmt: skip
+    straight = root / "straight"
+    train(data, "tiny_calm", straight, "training.train_steps=4", *common, "parallel.tensor_parallel=2",
+          "training.save_interval=1", "training.keep_last=4", nproc=4)
+    return {"data": data, "common": common, "straight": straight}
+
+
+def test_trainer_resumes_a_tp2_pp2_run_exactly(tmp_path, trainer_run):
     """`calm-train` in the 3d regime (4 ranks, TP=2 x PP=2, 2 micro-batches per step): stopping
     after 2 steps and resuming (past a damaged newest checkpoint, set aside) gives the uninterrupted
     run's losses bit for bit; held-out losses are logged; calm-convert merges its checkpoint and
     verifies the result."""
     from calm_dist.training.golden import run_losses
-    from tests.train_utils import TINY, prepared_corpus_overrides, train
+    from tests.train_utils import train
 
-    data = prepared_corpus_overrides(tmp_path / "data")
-    ae_cfg = _config("tiny_calm", data + TINY).autoencoder
-    torch.manual_seed(0)
-    save_autoencoder(Autoencoder(ae_cfg).state_dict(), ae_cfg, tmp_path / "autoencoder")
-    common = [f"training.autoencoder_path={tmp_path / 'autoencoder'}", "parallel.regime=3d",
-              "parallel.tensor_parallel=2", "parallel.pipeline_parallel=2", "parallel.zero_stage=1",
-              "training.gradient_accumulation_steps=2", "training.save_interval=2", "training.eval_interval=2",
-              "optimizer.warmup_steps=0"]  # fmt: skip
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    train(data, "tiny_calm", straight, "training.train_steps=4", *common, nproc=4)
+    data, straight, split = trainer_run["data"], trainer_run["straight"], tmp_path / "split"
+    common = [*trainer_run["common"], "parallel.tensor_parallel=2"]
     train(data, "tiny_calm", split, "training.train_steps=2", *common, "training.save_interval=1", nproc=4)
     # Integrity in the 3d regime: the manifest covers every shard; a damaged one in the newest
     # checkpoint is set aside and the run resumes from the one before, with the same losses.
@@ -285,6 +313,152 @@ def test_trainer_resumes_a_tp2_pp2_run_exactly(tmp_path):
                           capture_output=True, text=True, env=child_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "verified" in proc.stderr and (converted / "model.safetensors").is_file()
+
+
+# Resuming under another tensor layout changes only the order of float sums (no noise stream: the
+# last stage continues its own, and the data order is the same with DP = 1).
+RESHARD_LOSS_RTOL = 2e-5
+
+
+def _new_run_from(checkpoint: Path, run_dir: Path) -> None:
+    """A run directory whose only checkpoint is a copy of `checkpoint` (a global_stepN)."""
+    shutil.copytree(checkpoint, run_dir / "checkpoints" / checkpoint.name)
+    (run_dir / "checkpoints" / "latest").write_text(checkpoint.name)
+
+
+def _assert_uninterrupted_losses(resumed: Path, reference: Path, steps: list[int]) -> float:
+    """The resumed run's losses are the uninterrupted run's; returns the largest difference."""
+    from calm_dist.training.golden import run_losses
+
+    ours, expected = run_losses(resumed), run_losses(reference)
+    assert sorted(ours) == steps
+    for step in steps:
+        assert ours[step] == pytest.approx(expected[step], rel=RESHARD_LOSS_RTOL), (step, ours, expected)
+    return max(abs(ours[step] - expected[step]) for step in steps)
+
+
+@pytest.fixture(scope="module")
+def resumed_at_tp1(trainer_run):
+    """The TP=2 x PP=2 run's step-1 checkpoint resumed at TP=1 x PP=2 (2 ranks) to step 4."""
+    from tests.train_utils import train
+
+    run_dir = trainer_run["straight"].parent / "resumed_tp1"
+    _new_run_from(trainer_run["straight"] / "checkpoints" / "global_step1", run_dir)
+    proc = train(trainer_run["data"], "tiny_calm", run_dir, "training.train_steps=4", *trainer_run["common"],
+                 "parallel.tensor_parallel=1", nproc=2)
+    return run_dir, proc
+
+
+def test_a_tp2_pp2_checkpoint_resumes_at_tp1_pp2_with_the_uninterrupted_losses(trainer_run, resumed_at_tp1):
+    run_dir, proc = resumed_at_tp1
+    assert "written with TP=2 x PP=2 x DP=1, for TP=1 x PP=2 x DP=1" in proc.stderr
+    assert "resumed from global_step1 at step 1" in proc.stderr
+    difference = _assert_uninterrupted_losses(run_dir, trainer_run["straight"], [2, 3, 4])
+    print(f"TP2xPP2 -> TP1xPP2: largest loss difference {difference:.3g}")
+
+
+def test_a_tp1_pp2_checkpoint_resumes_at_tp2_pp2_with_the_uninterrupted_losses(tmp_path, trainer_run, resumed_at_tp1):
+    from tests.train_utils import train
+
+    checkpoint = resumed_at_tp1[0] / "checkpoints" / "global_step2"
+    assert json.loads((checkpoint / "meta.json").read_text())["layout"]["tensor_parallel"] == 1
+    _new_run_from(checkpoint, tmp_path / "resumed_tp2")
+    proc = train(trainer_run["data"], "tiny_calm", tmp_path / "resumed_tp2", "training.train_steps=4",
+                 *trainer_run["common"], "parallel.tensor_parallel=2", nproc=4)
+    assert "written with TP=1 x PP=2 x DP=1, for TP=2 x PP=2 x DP=1" in proc.stderr
+    difference = _assert_uninterrupted_losses(tmp_path / "resumed_tp2", trainer_run["straight"], [3, 4])
+    print(f"TP1xPP2 -> TP2xPP2: largest loss difference {difference:.3g}")
+
+
+def test_a_tp2_pp2_checkpoint_loads_into_one_process_and_names_a_missing_optimizer_file(tmp_path, trainer_run):
+    """TP=2 x PP=2 -> TP=1 x PP=1, in this process: the weights are the converter's merge bit for
+    bit, AdamW's moments and step and the LR schedule (matched by group name) load, the rank file
+    is the saved last stage's; without one optimizer file the error names it."""
+    from calm_dist.checkpoint.manager import CheckpointManager
+    from calm_dist.checkpoint.reading import merged_model_parallel_weights, resolve_checkpoint
+    from calm_dist.config import config_from_dict
+    from calm_dist.parallel.state import current_layout, seed_model_building
+    from calm_dist.training.engine_3d import build_3d_engine
+
+    checkpoint = tmp_path / "global_step2"
+    shutil.copytree(trainer_run["straight"] / "checkpoints" / "global_step2", checkpoint)
+    config = json.loads((checkpoint / "meta.json").read_text())["config"]
+    config.pop("derived")
+    config["parallel"].update(tensor_parallel=1, pipeline_parallel=1)
+    cfg = validate(config_from_dict(config), world_size=1)
+    ensure_model_parallel()
+    seed_model_building(cfg.training.seed, current_layout())
+    engine = build_3d_engine(cfg, current_layout(), torch.device("cpu"))
+    manager = CheckpointManager(tmp_path, keep_last=0, rank=0, world_size=1)
+    _, rank_state = manager.load(engine, checkpoint.name)
+
+    weights = engine.module.state_dict()
+    merged = merged_model_parallel_weights(resolve_checkpoint(checkpoint))
+    assert all(torch.equal(weights[name], tensor) for name, tensor in merged.items())
+    saved = read_merged(checkpoint, SavedLayout.read(checkpoint), with_optimizer=True)
+    params = {name: p for name, p in engine.module.named_parameters() if p.requires_grad}
+    assert set(saved.moments["exp_avg"]) == set(params)
+    for kind in ("exp_avg", "exp_avg_sq"):
+        assert all(torch.equal(engine.optimizer.state[params[name]][kind], value)
+                   for name, value in saved.moments[kind].items())
+    assert {float(engine.optimizer.state[p]["step"]) for p in params.values()} == {2.0}
+    assert engine.get_lr() == [saved.lr_groups[group["name"]][1] for group in engine.optimizer.param_groups]
+    last_stage, first_stage = (torch.load(checkpoint / f"rank_{r:05d}.pt", weights_only=True) for r in (2, 0))
+    assert torch.equal(rank_state["rng"]["torch_cpu"], last_stage["rng"]["torch_cpu"])
+    assert not torch.equal(rank_state["rng"]["torch_cpu"], first_stage["rng"]["torch_cpu"])
+
+    # an optimizer file of torch's index-keyed format (before named moments) cannot be resharded
+    legacy = checkpoint / "optim_tp01_pp001_dp000.pt"
+    state = torch.load(legacy, weights_only=True)
+    torch.save({"optimizer": {"state": {}, "param_groups": []}, "lr_scheduler": state["lr_scheduler"],
+                "client_state": state["client_state"]}, legacy)
+    with pytest.raises(LayoutChangeError, match="optim_tp01_pp001_dp000.pt holds torch's index-keyed"):
+        manager.load(engine, checkpoint.name)
+    legacy.unlink()
+    with pytest.raises(FileNotFoundError, match=r"global_step2 lacks optim_tp01_pp001_dp000\.pt: resuming"):
+        manager.load(engine, checkpoint.name)
+
+
+def test_resume_may_change_tensor_and_pipeline_parallelism_within_the_3d_regime_only():
+    from calm_dist.checkpoint.manager import CheckpointMismatch, check_compatible
+    from calm_dist.config import config_to_dict
+
+    def config(world_size: int, *overrides: str) -> dict:
+        return config_to_dict(_config("tiny_calm", SHAPE + ["parallel.zero_stage=1", *overrides], world_size))
+
+    tp2_pp2 = config(4, "parallel.regime=3d", "parallel.tensor_parallel=2", "parallel.pipeline_parallel=2")
+    check_compatible(tp2_pp2, config(2, "parallel.regime=3d", "parallel.pipeline_parallel=2"))
+    check_compatible(tp2_pp2, config(1, "parallel.regime=3d", "parallel.virtual_pipeline_stages=1"))
+    with pytest.raises(CheckpointMismatch, match=r"data_parallel_size: saved 1, current 2 .*pipeline_parallel x 1\)"):
+        check_compatible(tp2_pp2, config(8, "parallel.regime=3d", "parallel.tensor_parallel=2",
+                                         "parallel.pipeline_parallel=2"))
+    with pytest.raises(CheckpointMismatch, match="parallel.regime: saved '3d', current 'zero3'") as refused:
+        check_compatible(tp2_pp2, config(4, "parallel.zero_stage=3"))
+    assert "parallel.tensor_parallel: saved 2, current 1" in str(refused.value)
+
+
+def test_each_rank_continues_the_data_position_and_rng_of_the_saved_rank_in_its_place():
+    saved = SavedLayout(tensor_parallel=2, pipeline_parallel=2, virtual_stages=1, data_parallel=2, zero_stage=1,
+                        num_layers=4)
+
+    def place(tp: int, pp: int, tp_rank: int, pp_rank: int, dp_rank: int) -> int:
+        layout = ParallelLayout(tensor_parallel=tp, pipeline_parallel=pp, data_parallel=2, tp_rank=tp_rank,
+                                pp_rank=pp_rank, dp_rank=dp_rank)
+        return source_rank(saved, layout)
+
+    # the same layout: every rank its own file (megatron's order: TP fastest, then DP, then PP)
+    assert [place(2, 2, r % 2, r // 4, r // 2 % 2) for r in range(8)] == list(range(8))
+    # TP 2 -> 1: tensor rank 0 of the same stage and replica; PP 2 -> 1: the last stage
+    assert [place(1, 2, 0, pp, dp) for pp in (0, 1) for dp in (0, 1)] == [0, 2, 4, 6]
+    assert [place(2, 1, tp, 0, 1) for tp in (0, 1)] == [6, 7]
+    with pytest.raises(LayoutChangeError, match="world size = tensor_parallel x pipeline_parallel x 2"):
+        source_rank(saved, ParallelLayout(tensor_parallel=2, pipeline_parallel=2, data_parallel=1))
+    # TP 1 -> 2: tensor rank 1 reads tensor rank 0's file but keeps its own megatron tracker streams
+    tp1 = SavedLayout(tensor_parallel=1, pipeline_parallel=1, virtual_stages=1, data_parallel=1, zero_stage=1,
+                      num_layers=4)
+    state = {"data": {}, "rng": {"torch_cpu": torch.zeros(2), "megatron_tracker": {"model-parallel-rng": 1}}}
+    kept = [continued_rank_state(state, tp1, ParallelLayout(tensor_parallel=2, tp_rank=tp)) for tp in (0, 1)]
+    assert "megatron_tracker" in kept[0]["rng"] and set(kept[1]["rng"]) == {"torch_cpu"}
 
 
 @pytest.mark.parametrize("overrides, message", [

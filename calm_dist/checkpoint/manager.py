@@ -59,6 +59,8 @@ from calm_dist.checkpoint.integrity import (
     verify_checkpoint,
     write_manifest,
 )
+from calm_dist.checkpoint.reshard import LayoutChangeError, SavedLayout, continued_rank_state, source_rank
+from calm_dist.parallel.state import ParallelLayout
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +80,10 @@ INCOMPATIBLE_FIELDS = (
     "parallel.pipeline_parallel",
     "parallel.zero_stage",
 )
+# Within the 3d regime the engine reshards weights and moments for another TP/PP layout
+# (calm_dist/checkpoint/reshard.py), but each replica's data position is its own: DP must stay.
+RESHARDABLE_IN_3D = ("parallel.tensor_parallel", "parallel.pipeline_parallel")
+DATA_PARALLEL_SIZE = "derived.data_parallel_size"
 
 
 class CheckpointMismatch(ValueError):
@@ -383,24 +389,22 @@ class CheckpointManager:
 
         A collective. `load_optimizer=False` loads the weights only (no optimizer or LR-schedule
         state). Under ZeRO-3 a DeepSpeed engine cannot load right after it saved: build a new one.
+        A 3d checkpoint also loads under another TP/PP layout (the engine reshards it); each rank
+        then continues the data position and RNG streams of the saved rank in its place.
         """
         path = self.save_dir / tag
         meta = self.read_meta(tag)
-        rank_files = len(list(path.glob("rank_*.pt")))
-        saved_world = meta.get("world_size", rank_files)
-        if saved_world != self.world_size:
-            raise ValueError(
-                f"{path} was written by {saved_world} ranks ({rank_files} rank files), but this run has "
-                f"world size {self.world_size}; ZeRO partitions cannot be resharded on load. Resume with "
-                f"{saved_world} ranks, or consolidate the weights (consolidate_fp32) and start a new run."
-            )
-        rank_state = self._read_rank_state(path / rank_file(self.rank))
+        model_parallel = _model_parallel_resume(engine, meta)
+        source = source_rank(*model_parallel) if model_parallel else self._own_rank(meta, path)
+        rank_state = self._read_rank_state(path / rank_file(source))
+        if model_parallel:
+            rank_state = continued_rank_state(rank_state, *model_parallel)
 
         if load_optimizer:
             check_optimizer_groups(meta.get("config", {}), path)
         try:
             loaded = self._load_engine(engine, path, tag, load_optimizer)
-        except (CheckpointMismatch, FileNotFoundError):
+        except (CheckpointMismatch, LayoutChangeError, FileNotFoundError):
             raise
         except Exception as exc:  # a damaged file a manifest did not cover (an older checkpoint)
             raise CheckpointDamaged(f"{path} could not be loaded on rank {self.rank} "
@@ -425,6 +429,18 @@ class CheckpointManager:
                 )
         return loaded
 
+    def _own_rank(self, meta: dict, path: Path) -> int:
+        """This rank, whose own rank file it reads: the world size must be the saved one."""
+        rank_files = len(list(path.glob("rank_*.pt")))
+        saved_world = meta.get("world_size", rank_files)
+        if saved_world != self.world_size:
+            raise ValueError(
+                f"{path} was written by {saved_world} ranks ({rank_files} rank files), but this run has "
+                f"world size {self.world_size}; ZeRO partitions cannot be resharded on load. Resume with "
+                f"{saved_world} ranks, or consolidate the weights (consolidate_fp32) and start a new run."
+            )
+        return self.rank
+
     def _read_rank_state(self, path: Path) -> dict:
         error = None
         try:
@@ -441,18 +457,28 @@ class CheckpointManager:
         return rank_state
 
 
+def _model_parallel_resume(engine, meta: dict) -> tuple[SavedLayout, ParallelLayout] | None:
+    """(saved layout, this rank's layout) when a 3d checkpoint loads into a 3d engine, which may
+    have another TP/PP layout: each rank then reads the rank file of the saved rank in its place."""
+    saved, layout = SavedLayout.from_meta(meta), getattr(engine, "layout", None)
+    return (saved, layout) if saved is not None and isinstance(layout, ParallelLayout) else None
+
+
 # ---- compatibility and export -----------------------------------------------------------------
 
 
 def check_compatible(saved_config: dict, current_config: dict) -> None:
     """Raise CheckpointMismatch naming every field that makes the saved weights or optimizer state
     unusable in the current run (the model and autoencoder sections, stage and parallel layout).
-    Other fields (learning rate, step counts, logging) may change between runs."""
+    Other fields (learning rate, step counts, logging) may change between runs, and within the 3d
+    regime so may tensor_parallel and pipeline_parallel (the data-parallel size may not)."""
     saved, current = flatten_config(saved_config), flatten_config(current_config)
+    within_3d = saved.get("parallel.regime") == current.get("parallel.regime") == "3d"
     names = sorted(
         name
         for name in saved.keys() | current.keys()
-        if name.split(".")[0] in INCOMPATIBLE_SECTIONS or name in INCOMPATIBLE_FIELDS
+        if (name.split(".")[0] in INCOMPATIBLE_SECTIONS or name in INCOMPATIBLE_FIELDS)
+        and not (within_3d and name in RESHARDABLE_IN_3D)
     )
     missing = "<absent>"
     differing = [
@@ -460,6 +486,13 @@ def check_compatible(saved_config: dict, current_config: dict) -> None:
         for name in names
         if saved.get(name, missing) != current.get(name, missing)
     ]
+    replicas = saved.get(DATA_PARALLEL_SIZE), current.get(DATA_PARALLEL_SIZE)
+    if within_3d and None not in replicas and replicas[0] != replicas[1]:
+        differing.append(
+            f"  {DATA_PARALLEL_SIZE}: saved {replicas[0]!r}, current {replicas[1]!r} (tensor and pipeline "
+            "parallelism may change on resume, the data-parallel size may not: each replica's data position "
+            f"is saved on its own; run with world size = tensor_parallel x pipeline_parallel x {replicas[0]})"
+        )
     if differing:
         raise CheckpointMismatch(
             "the checkpoint was written with a configuration it cannot be loaded into:\n"
@@ -484,14 +517,17 @@ def check_optimizer_groups(saved_config: dict, path: Path) -> None:
         )
 
 
-def consolidate_fp32(save_dir: str | os.PathLike, tag: str) -> dict[str, torch.Tensor]:
-    """The full fp32 weights of a ZeRO checkpoint, keyed like the module's state_dict (offline, CPU)."""
+def consolidate_fp32(save_dir: str | os.PathLike, tag: str, lazy: bool = False) -> dict:
+    """The full fp32 weights of a ZeRO checkpoint, keyed like the module's state_dict (offline, CPU),
+    through DeepSpeed's `zero_to_fp32`. `lazy`: each value is an object whose `.contiguous()` is the
+    tensor, gathered on demand from memory-mapped optimizer shards (the converter's way)."""
+    # lazy: deepspeed costs ~0.5 s over torch and logs on import; only consolidation needs it
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     path = Path(save_dir) / tag
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint directory {path}")
-    return get_fp32_state_dict_from_zero_checkpoint(str(save_dir), tag=tag)
+    return get_fp32_state_dict_from_zero_checkpoint(str(save_dir), tag=tag, lazy_mode=lazy)
 
 
 # ---- filesystem and collective helpers --------------------------------------------------------

@@ -20,7 +20,9 @@ import torch
 
 from calm_dist.config import config_from_dict, validate
 from calm_dist.config.schema import JobConfig
-from calm_dist.checkpoint.manager import LATEST, META
+from calm_dist.checkpoint.integrity import CheckpointDamaged, verify_checkpoint
+from calm_dist.checkpoint.manager import LATEST, META, consolidate_fp32
+from calm_dist.parallel.sharding import merge_state_dicts
 
 _TAG = re.compile(r"^global_step(\d+)$")
 
@@ -103,8 +105,6 @@ def _check_zip(path: Path) -> None:
 def verify_manifest(ref: CheckpointRef, full: bool = True) -> bool:
     """The checkpoint's files against its manifest (sizes, and sha256 when `full`); ConversionError
     naming the damaged file. False when the checkpoint predates manifests (nothing to check)."""
-    from calm_dist.checkpoint.integrity import CheckpointDamaged, verify_checkpoint
-
     try:
         return verify_checkpoint(ref.path, full=full)
     except CheckpointDamaged as err:
@@ -169,8 +169,6 @@ def check_shards(ref: CheckpointRef) -> None:
 
 def merged_model_parallel_weights(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     """The single-process state dict of a 3d checkpoint: its (tensor, pipeline) shards merged."""
-    from calm_dist.parallel.sharding import merge_state_dicts
-
     check_shards(ref)
     shards = {}
     for (tp, pp), path in _model_parallel_files(ref).items():
@@ -214,9 +212,7 @@ def lazy_state_dict(ref: CheckpointRef) -> dict:
         return merged_model_parallel_weights(ref)
     check_shards(ref)
     with stdout_to_stderr():  # DeepSpeed logs to stdout from its first import on
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return get_fp32_state_dict_from_zero_checkpoint(str(ref.checkpoints_dir), tag=ref.tag, lazy_mode=True)
+        return consolidate_fp32(ref.checkpoints_dir, ref.tag, lazy=True)
 
 
 def consolidated_weights(ref: CheckpointRef) -> Iterator[tuple[str, torch.Tensor]]:

@@ -15,6 +15,7 @@ import yaml
 from calm_dist.config.errors import ConfigError
 from calm_dist.config.loader import config_to_dict, list_presets, load_config
 from calm_dist.config.validate import validate
+from calm_dist.parallel.memory import describe
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,8 +42,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"calm-config: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     if args.memory:
-        from calm_dist.parallel.memory import describe
-
         sys.stdout.write(describe(cfg))
         return 0
     sys.stdout.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -54,6 +54,8 @@ from calm_dist.evaluation.blocks import (
 )
 from calm_dist.evaluation.in_training import rank_slice
 from calm_dist.evaluation.scorer import metrics_from, score_blocks
+from calm_dist.parallel.launch import init_distributed
+from calm_dist.pretrained import load_pretrained
 
 REPORT_FORMAT = "calm-dist-eval"
 REPORT_VERSION = 1
@@ -78,14 +80,10 @@ class EvalInputs:
     """What one rank evaluates, resolved from the command line before any compute."""
 
     def __init__(self, args: argparse.Namespace):
-        from calm_dist.pretrained import load_pretrained
-
         env = read_dist_env()  # torchrun's variables, or SLURM's under a plain srun
         self.world, self.rank = env.world_size, 0
         self.device = resolve_device(args.device, env)
         if self.world > 1:
-            from calm_dist.parallel.launch import init_distributed
-
             info = init_distributed("cuda" if self.device.type == "cuda" else "cpu")
             self.rank, self.world = info.rank, info.world_size
         if args.max_blocks is not None and args.max_blocks < 1:

@@ -76,6 +76,7 @@ def apply_cpu_compat() -> bool:
     global _applied
     if _applied or torch.cuda.is_available():
         return False
+    # lazy: megatron-core takes ~2.5 s to import; parallel.state (so checkpoint reading) imports this module
     from megatron.core.tensor_parallel import random as mcore_random
 
     # TorchScript-compiled at import (ZeroRedundancyOptimizer's functional optimizers): scripting

@@ -29,6 +29,13 @@ def ae_intermediate_size(ae: AutoencoderConfig) -> int:
     return ae.intermediate_size or int(2.5 * ae.hidden_size)
 
 
+def stack_width(cfg) -> int:
+    """The hidden size of the stage's main stack (DeepSpeed's bucket sizes follow it): the
+    autoencoder's for stage 1, the backbone's otherwise. Stated here so that the DeepSpeed config
+    is built before any model code (megatron) is imported."""
+    return cfg.autoencoder.hidden_size if cfg.training.stage == "autoencoder" else cfg.model.hidden_size
+
+
 def target_tokens(stage: str, patch_size: int) -> int:
     """Tokens of the one target step after the context."""
     return {"baseline": 1, "calm": patch_size, "autoencoder": 0}[stage]

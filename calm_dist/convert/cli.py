@@ -20,6 +20,7 @@ import sys
 from typing import Sequence
 
 from calm_dist.convert.export import DTYPES, convert_checkpoint
+from calm_dist.convert.integrity import verify_path
 from calm_dist.convert.summary import diff_checkpoints, format_diff, format_inspection, inspect_checkpoint
 from calm_dist.convert.verify import VerificationError
 
@@ -73,8 +74,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                                overwrite=args.overwrite)
             print(args.out)
         elif args.command == "verify":
-            from calm_dist.convert.integrity import verify_path
-
             ok = True
             for line, good in verify_path(args.path, tag=args.tag, every=args.all):
                 print(line)

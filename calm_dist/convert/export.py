@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import save_file
 
 from calm_dist.config.schema import JobConfig
 from calm_dist.checkpoint.hf_config import (
@@ -51,6 +52,9 @@ from calm_dist.checkpoint.reading import (
     single_process_config,
     verify_manifest,
 )
+from calm_dist.convert.verify import verify_conversion
+from calm_dist.data.tokenizer import load_tokenizer
+from calm_dist.models.autoencoder_io import save_autoencoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
@@ -118,8 +122,6 @@ def convert_checkpoint(
         config = build_hf_config(cfg, meta["config"], dtype, source, ae_path)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         if verify:
-            from calm_dist.convert.verify import verify_conversion
-
             progress("verifying: converted model against the checkpoint on a probe batch")
             report = verify_conversion(ref, tmp, DTYPES[dtype])
             progress("verified: " + ", ".join(f"{k} {v}" for k, v in report.items()))
@@ -133,10 +135,6 @@ def convert_checkpoint(
 
 def write_weights(ref: CheckpointRef, cfg: JobConfig, out: Path, dtype: torch.dtype, embed_autoencoder: bool) -> str | None:
     """model.safetensors (and, for a referenced autoencoder, autoencoder/); returns ae_path."""
-    from safetensors.torch import save_file
-
-    from calm_dist.models.autoencoder_io import save_autoencoder
-
     refer = cfg.training.stage == "calm" and not embed_autoencoder
     weights, autoencoder = {}, {}
     for count, (name, tensor) in enumerate(consolidated_weights(ref), start=1):
@@ -161,8 +159,6 @@ def write_weights(ref: CheckpointRef, cfg: JobConfig, out: Path, dtype: torch.dt
 def _tokenizer_writer(spec: str | Path, allow_missing: bool) -> Callable[[Path], None] | None:
     """How to put the run's tokenizer into the output: a tokenizer.json file is copied byte for
     byte; 'gpt2' or a vocab/merges directory is loaded and saved as tokenizer.json."""
-    from calm_dist.data.tokenizer import load_tokenizer
-
     path = Path(spec)
     if path.is_dir() and (path / TOKENIZER_NAME).is_file():
         path = path / TOKENIZER_NAME

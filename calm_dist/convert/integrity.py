@@ -22,6 +22,7 @@ from calm_dist.checkpoint.reading import (
     resolve_checkpoint,
     verify_manifest,
 )
+from calm_dist.weights_file import load_safetensors
 
 
 def verify_checkpoint_ref(ref: CheckpointRef) -> str:
@@ -38,8 +39,6 @@ def verify_checkpoint_ref(ref: CheckpointRef) -> str:
 
 
 def verify_converted(path: Path) -> str:
-    from calm_dist.weights_file import load_safetensors
-
     config = read_hf_config(path)
     files = [path / WEIGHTS_NAME] + ([path / config["ae_path"] / WEIGHTS_NAME] if config.get("ae_path") else [])
     count = 0

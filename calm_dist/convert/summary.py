@@ -23,9 +23,10 @@ from calm_dist.checkpoint.hf_config import (
     build_hf_config,
     read_hf_config,
 )
-from calm_dist.checkpoint.reading import ConversionError, resolve_checkpoint, single_process_config
+from calm_dist.checkpoint.reading import ConversionError, lazy_state_dict, resolve_checkpoint, single_process_config
 from calm_dist.config import flatten_config
 from calm_dist.models.kinds import model_kind
+from calm_dist.weights_file import open_safetensors
 
 _NOT_SUMMARY = ("calm_dist", "source", "autoencoder_config")
 # safetensors' dtype names, so that a checkpoint and a converted directory list alike
@@ -61,8 +62,6 @@ def _open(path: str | Path, tag: str | None = None) -> _Opened:
 
 
 def _open_checkpoint(path: Path, tag: str | None) -> _Opened:
-    from calm_dist.checkpoint.reading import lazy_state_dict
-
     ref = resolve_checkpoint(path, tag)
     meta = ref.meta()
     cfg = single_process_config(meta["config"], source=str(ref.path))
@@ -75,8 +74,6 @@ def _open_checkpoint(path: Path, tag: str | None) -> _Opened:
 
 
 def _open_converted(path: Path) -> _Opened:
-    from calm_dist.weights_file import open_safetensors
-
     config = read_hf_config(path)
     files = {"": path / WEIGHTS_NAME}
     if config.get("ae_path"):  # a referenced autoencoder: listed as the embedded one would be

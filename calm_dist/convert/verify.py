@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from calm_dist.models.kinds import model_kind
+from calm_dist.pretrained.converted import load_converted
+from calm_dist.pretrained.loader import load_checkpoint_model
 
 # Allowed max |a - b| relative to max(1, max |a|), per exported dtype.
 TOLERANCE = {torch.float32: 0.0, torch.bfloat16: 5e-2, torch.float16: 1e-2}
@@ -61,9 +63,6 @@ def compare_outputs(reference: dict, converted: dict, dtype: torch.dtype) -> dic
 
 def verify_conversion(ref, converted_dir: Path, dtype: torch.dtype) -> dict[str, str]:
     """Load both sides, run the probe batch, compare; raises VerificationError on a mismatch."""
-    from calm_dist.pretrained.converted import load_converted
-    from calm_dist.pretrained.loader import load_checkpoint_model
-
     reference = load_checkpoint_model(ref)
     converted = load_converted(converted_dir, allow_missing_tokenizer=True)
     tokens = probe_tokens(reference.config)

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import io
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
+
+import zstandard
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +128,6 @@ def _open_compressed(path: Path):
     if path.name.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.name.endswith(".zst"):
-        import io
-
-        import zstandard
-
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
     return open(path, "rb")
 

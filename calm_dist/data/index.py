@@ -8,6 +8,7 @@ the tokenizer fingerprint guards against training a model on ids from another to
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,9 +101,7 @@ def is_shard_url(spec) -> bool:
 def _load_remote_index(template: str) -> ShardIndex:
     """index.json and the shards read through WebDataset's URL opener: `pipe:CMD` (object stores:
     e.g. "pipe:aws s3 cp s3://bucket/train/{shard} -"), http(s)://, or a plain path."""
-    import json
-
-    from webdataset.gopen import gopen
+    from webdataset.gopen import gopen  # lazy: webdataset imports torch (~1 s); only a remote index needs it
 
     url = template.format(shard=INDEX_NAME)
     try:
@@ -121,8 +120,6 @@ def _load_remote_index(template: str) -> ShardIndex:
 def load_index(path_or_index: "str | Path | ShardIndex") -> ShardIndex:
     """A ShardIndex from a shard directory or its index.json (an index passes through), or from a
     remote directory given as a URL template with "{shard}" (see `_load_remote_index`)."""
-    import json
-
     if isinstance(path_or_index, ShardIndex):
         return path_or_index
     if is_shard_url(path_or_index):

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from tqdm import tqdm
+
 from calm_dist.data.atomic import PARTIAL_SUFFIX
 from calm_dist.data.corpus import Document, bundled_documents, is_held_out
 from calm_dist.data.index import INDEX_NAME, ShardIndex, load_index
@@ -124,8 +126,6 @@ def prepare_shards(documents: Iterable[Document | str], tokenizer: Tokenizer, ou
                                    batch_chars, num_threads) for s in splits if done[s] is None}
 
     # A progress bar on an interactive terminal only (batch logs must not fill with bars).
-    from tqdm import tqdm
-
     bar = tqdm(desc=f"preparing {out_dir}", unit=" docs", disable=not sys.stderr.isatty(), leave=False)
 
     def route(docs: Iterable[Document | str], split_of) -> None:

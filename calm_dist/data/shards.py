@@ -19,6 +19,8 @@ from typing import Any, Iterator
 
 import numpy as np
 import webdataset as wds
+from webdataset.gopen import gopen
+from webdataset.tariterators import tar_file_iterator
 
 from calm_dist.data.atomic import atomic_write_bytes, remove_partials
 from calm_dist.data.index import INDEX_NAME, ShardIndex, ShardInfo
@@ -205,8 +207,6 @@ def read_shard(path: str | Path, expected: ShardInfo | None = None, vocab_size: 
     undecodable member, or holds another number of documents than the index says. With
     `vocab_size`, a token id outside [0, vocab_size) is an error naming the shard and the sample.
     """
-    from webdataset.tariterators import tar_file_iterator
-
     if isinstance(path, str) and "://" in path or str(path).startswith("pipe:"):
         raw = _read_url(str(path))  # remote: fetched whole (a shard is a few MB), then checked
     else:
@@ -281,8 +281,6 @@ def verify_shards(index: ShardIndex, shares: tuple[int, int] = (0, 1)) -> list[C
 
 
 def _read_url(url: str) -> bytes:
-    from webdataset.gopen import gopen
-
     try:
         with gopen(url, "rb") as stream:
             return stream.read()

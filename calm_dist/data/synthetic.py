@@ -36,8 +36,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import torch
 
 from calm_dist.ops.brier import brierlm_from_means
+from calm_dist.ops.energy import energy_loss
 
 SOURCES = ("det", "markov")
 DEFAULT_VOCAB = 64
@@ -188,10 +190,6 @@ def oracle_energy_loss(source: SyntheticSource, encode: Encode, *, chunk_size: i
     Gaussian has no elementary form. `encode` is e.g. `Autoencoder.encode` (on CPU inputs; wrap
     it to move them to a device). Fixed generators: the same arguments give the same number.
     """
-    import torch
-
-    from calm_dist.ops.energy import energy_loss
-
     rng = np.random.default_rng([seed, 3])
     previous = rng.integers(0, source.vocab, size=positions)
     drawn = continue_chain(source, np.tile(previous, 1 + num_samples), chunk_size, rng)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
 
 from calm_dist.data.atomic import PARTIAL_SUFFIX, atomic_write_json
 from calm_dist.data.index import ShardIndex
@@ -37,8 +38,6 @@ def word(token: int) -> str:
 def synthetic_tokenizer_json(vocab: int) -> str:
     """A WordLevel tokenizer: the content words, then the two specials; text is words split on
     whitespace and decodes back to them joined by spaces."""
-    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
-
     words = {word(i): i for i in range(vocab)} | {ENDOFTEXT: vocab, PAD: vocab + 1}
     backend = HFTokenizer(models.WordLevel(words, unk_token="[UNK]"))  # not in the vocabulary: other words fail
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

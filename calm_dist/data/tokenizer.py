@@ -18,9 +18,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
+
+from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
 ENDOFTEXT = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -61,8 +64,6 @@ class Tokenizer:
         """Encode many documents at once; `num_threads` (0: all cores) applies to tiktoken only,
         HF `tokenizers` parallelises by itself."""
         if self.fast_encoder is not None:
-            import os
-
             threads = num_threads or os.cpu_count() or 1
             return self.fast_encoder.encode_ordinary_batch(texts, num_threads=threads)
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
@@ -95,8 +96,6 @@ def _with_roles(backend, name: str = "", fast_encoder=None) -> Tokenizer:
 
 def _byte_level_bpe(model):
     """A HF tokenizer around a BPE model with GPT-2's byte-level pre-tokenizer and decoder."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, pre_tokenizers
-
     backend = HFTokenizer(model)
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -105,8 +104,6 @@ def _byte_level_bpe(model):
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Byte-level BPE of `vocab_size` tokens (ENDOFTEXT included; PAD is added on top)."""
-    from tokenizers import models, pre_tokenizers, trainers
-
     backend = _byte_level_bpe(models.BPE())
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -145,10 +142,9 @@ def _gpt2_tiktoken(encoder_json: Path):
     Ranks are token ids and each token's bytes undo GPT-2's byte-to-unicode map; this is what
     tiktoken's own loader derives, without its download cache."""
     try:
-        import tiktoken
+        import tiktoken  # lazy: optional (without it, batches encode through `tokenizers`)
     except ImportError:
         return None
-    from tokenizers import pre_tokenizers
 
     # ByteLevel.alphabet() is the 256 printable stand-ins; rebuild GPT-2's exact byte order.
     printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
@@ -162,7 +158,8 @@ def _gpt2_tiktoken(encoder_json: Path):
     byte_of = {c: b for b, c in unicode_of.items()}
     encoder = json.loads(encoder_json.read_text(encoding="utf-8"))
     ranks = {bytes(byte_of[c] for c in token): rank for token, rank in encoder.items() if token != ENDOFTEXT}
-    from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's split regex, as HF's ByteLevel
+    # lazy: optional, part of tiktoken. GPT-2's split regex, as HF's ByteLevel
+    from tiktoken_ext.openai_public import r50k_pat_str
 
     return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={ENDOFTEXT: encoder[ENDOFTEXT]})
@@ -170,8 +167,6 @@ def _gpt2_tiktoken(encoder_json: Path):
 
 def load_gpt2(fast: bool = True) -> Tokenizer:
     """GPT-2's 50,257-token BPE (+ PAD at 50257), offline; tiktoken encodes batches when `fast`."""
-    from tokenizers import models
-
     encoder_json, vocab_bpe = gpt2_files()
     backend = _byte_level_bpe(models.BPE.from_file(str(encoder_json), str(vocab_bpe)))
     backend.add_special_tokens([ENDOFTEXT])  # id 50256, already in encoder.json
@@ -187,8 +182,6 @@ def _vocab_merges_in(folder: Path) -> tuple[Path, Path] | None:
 
 def load_tokenizer(name_or_path: str | Path) -> Tokenizer:
     """'gpt2', a tokenizer.json, or a directory with a tokenizer.json or GPT-2 style vocab/merges."""
-    from tokenizers import Tokenizer as HFTokenizer, models
-
     if str(name_or_path) == "gpt2":
         return load_gpt2()
     path = Path(name_or_path)

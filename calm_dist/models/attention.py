@@ -44,9 +44,9 @@ class AttentionBackendUnavailable(RuntimeError):
 def _importable(backend: str) -> bool:
     try:
         if backend == "flash_attn":
-            from flash_attn import flash_attn_func  # noqa: F401
+            from flash_attn import flash_attn_func  # noqa: F401  # lazy: optional (requirements-gpu.txt)
         elif backend == "te":
-            import transformer_engine.pytorch  # noqa: F401
+            import transformer_engine.pytorch  # noqa: F401  # lazy: optional (requirements-gpu.txt)
     except (ImportError, OSError):  # a CPU-only build of either fails at import
         return False
     return True
@@ -182,7 +182,7 @@ class FlashAttnCoreAttention(_CoreAttention):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        from flash_attn import flash_attn_func
+        from flash_attn import flash_attn_func  # lazy: optional (requirements-gpu.txt)
 
         self._flash_attn_func = flash_attn_func
 

@@ -14,9 +14,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from calm_dist.config.schema import AutoencoderConfig
 from calm_dist.models.autoencoder import Autoencoder
+from calm_dist.weights_file import load_safetensors
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -24,8 +26,6 @@ WEIGHTS_NAME = "model.safetensors"
 
 def save_autoencoder(state_dict: dict[str, torch.Tensor], cfg: AutoencoderConfig, out_dir: str | Path) -> Path:
     """Write atomically: a temporary sibling directory renamed into place when complete."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -63,8 +63,6 @@ def check_autoencoder_matches(saved: AutoencoderConfig, expected: AutoencoderCon
 
 
 def load_autoencoder(path: str | Path, expected: AutoencoderConfig | None = None) -> Autoencoder:
-    from calm_dist.weights_file import load_safetensors
-
     path = Path(path)
     cfg = read_autoencoder_config(path)
     if expected is not None:

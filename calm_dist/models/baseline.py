@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from calm_dist.config.schema import ModelConfig
-from calm_dist.models.backbone import Backbone, BackboneOptions
+from calm_dist.models.backbone import Backbone, BackboneOptions, backbone_param_count
 
 
 class BaselineOutput(NamedTuple):
@@ -67,6 +67,4 @@ class TokenBaseline(nn.Module):
 
 def baseline_param_count(cfg: ModelConfig) -> int:
     """Input embedding + backbone + untied output layer."""
-    from calm_dist.models.backbone import backbone_param_count
-
     return 2 * cfg.vocab_size * cfg.hidden_size + backbone_param_count(cfg)

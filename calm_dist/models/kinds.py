@@ -57,9 +57,6 @@ class ModelKind:
             return tokens_BT.reshape(tokens_BT.shape[0], -1, cfg.autoencoder.patch_size)
         return tokens_BT
 
-    def hidden_size(self, cfg: JobConfig) -> int:
-        """The width of the model's main stack (DeepSpeed's bucket sizes follow it)."""
-        return cfg.autoencoder.hidden_size if self.reads_chunks else cfg.model.hidden_size
 
 
 # autoencoder ---------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
         # DeepSpeed would otherwise JIT-compile its shared-memory op (~1 minute) on the CPU
         # accelerator; plain gloo collectives are all a CPU run needs.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed.ops
+        import deepspeed.ops  # lazy: deepspeed picks its accelerator on import, so after DS_ACCELERATOR
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         dev = torch.device("cpu")
@@ -51,7 +51,7 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
     os.environ.setdefault("WORLD_SIZE", str(world))
     os.environ.setdefault("LOCAL_RANK", str(local_rank))
     if not dist.is_initialized():
-        import deepspeed
+        import deepspeed  # lazy: after DS_ACCELERATOR (above); calm-train validates its config first
 
         if world == 1 and "MASTER_ADDR" not in os.environ:
             dist.init_process_group(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from calm_dist.config.rules import head_blocks
 from calm_dist.config.schema import JobConfig
 
 LAYER_BYTES = 95.1  # per step x hidden, fp32, FFN = 2.6875 x hidden
@@ -46,8 +47,8 @@ class MemoryEstimate:
 
 def _stage_params(cfg: JobConfig) -> tuple[float, float]:
     """Trainable parameters per GPU on the first and on the last pipeline stage."""
+    # lazy: the models import megatron-core (~2.5 s); calm-config needs them for --memory only
     from calm_dist.models.backbone import backbone_param_count
-    from calm_dist.config.rules import head_blocks
     from calm_dist.models.compressor import compressor_param_count
     from calm_dist.models.energy_head import energy_head_param_count
 
@@ -69,8 +70,6 @@ def _stage_params(cfg: JobConfig) -> tuple[float, float]:
 
 def estimate_memory(cfg: JobConfig) -> MemoryEstimate:
     """For a validated config (its world size in `cfg.derived`)."""
-    from calm_dist.config.rules import head_blocks
-
     m, par, tr, d = cfg.model, cfg.parallel, cfg.training, cfg.derived
     first, last = _stage_params(cfg)
     worst = max(first, last)

@@ -28,6 +28,9 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.enums import ModelType
+from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import nn
 
 from calm_dist.parallel.state import ParallelLayout
@@ -53,8 +56,6 @@ class PipelineStage(nn.Module):
     def __init__(self, model: nn.Module, first: bool, last: bool, steps_per_block: int,
                  vp_stage: int | None = None, autocast_dtype=None):
         super().__init__()
-        from megatron.core.enums import ModelType
-
         self.model = model
         self.first, self.last = first, last
         self.vp_stage = vp_stage  # None without virtual stages (megatron checks it against its own)
@@ -115,8 +116,6 @@ def run_schedule(
     with PP > 1, interleaved 1F1B with virtual stages, plain accumulation with PP = 1). The
     gradients of the micro-batches' mean loss are left in `.grad`; the rank holding the model's
     last chunk returns one report per micro-batch, the others []."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     def forward_step(data_iterator: Iterator[torch.Tensor], model: PipelineStage):
         tokens = next(data_iterator)
         output = model(tokens)
@@ -142,8 +141,6 @@ def broadcast_from_last_stage(values: torch.Tensor, layout: ParallelLayout) -> t
     """The last stage's values on every stage of the pipeline (reports, finiteness flags)."""
     if layout.pipeline_parallel == 1:
         return values
-    from megatron.core import parallel_state as ps
-
     source = ps.get_pipeline_model_parallel_last_rank()
     dist.broadcast(values, src=source, group=ps.get_pipeline_model_parallel_group())
     return values

@@ -98,7 +98,8 @@ def shard_state_dict(
     tensor_parallel: int,
 ) -> dict[str, torch.Tensor]:
     """The state dict of one model chunk on one tensor rank, whose own keys are `local_keys` and
-    whose first layer is global layer `offset` (`layer_offset`)."""
+    whose first layer is global layer `offset` (`layer_offset`). 0-d values (an optimizer's step
+    count) are the same on every rank: copied as they are."""
     shard, missing = {}, []
     for key in local_keys:
         if key.endswith(_EXTRA_STATE):
@@ -107,7 +108,8 @@ def shard_state_dict(
         if source not in full:
             missing.append(source)
             continue
-        shard[key] = tensor_shard(full[source], key, tp_rank, tensor_parallel).clone()
+        value = full[source]
+        shard[key] = value.clone() if value.dim() == 0 else tensor_shard(value, key, tp_rank, tensor_parallel).clone()
     if missing:
         raise KeyError(f"the full state dict lacks {len(missing)} weights this stage needs, e.g. {missing[:3]}")
     return shard

@@ -29,6 +29,7 @@ def ensure_model_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1, 
     - RNG tracker not seeded: `model_parallel_cuda_manual_seed(seed)`. Without CUDA this also
       seeds torch's CPU generator, because the "CUDA" RNG is the CPU one.
     """
+    # lazy: megatron-core takes ~2.5 s to import; checkpoint code uses ParallelLayout without it
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random as mcore_random
 
@@ -82,7 +83,7 @@ class ParallelLayout:
 
 def current_layout() -> ParallelLayout:
     """This rank's layout from megatron's initialised parallel state."""
-    from megatron.core import parallel_state as ps
+    from megatron.core import parallel_state as ps  # lazy: megatron-core ~2.5 s (see ensure_model_parallel)
 
     return ParallelLayout(
         tensor_parallel=ps.get_tensor_model_parallel_world_size(),
@@ -121,7 +122,7 @@ def seed_all(seed: int) -> None:
 def seed_model_building(seed: int, layout: ParallelLayout) -> None:
     """Before building the model: megatron's tracker (TP shards' init streams) and the default
     generators from `model_init_seed`."""
-    from megatron.core.tensor_parallel import random as mcore_random
+    from megatron.core.tensor_parallel import random as mcore_random  # lazy: megatron-core ~2.5 s (as above)
 
     mcore_random.model_parallel_cuda_manual_seed(model_init_seed(seed, layout), force_reset_rng=True)
     seed_all(model_init_seed(seed, layout))
@@ -131,7 +132,7 @@ def seed_training(seed: int, layout: ParallelLayout) -> None:
     """After building the model: every stream this rank samples from while training. The tracker's
     tensor-parallel dropout streams also differ across replicas and stages (megatron's seed is
     per stage; ours adds the replica), the default generators follow `training_seed`."""
-    from megatron.core.tensor_parallel import random as mcore_random
+    from megatron.core.tensor_parallel import random as mcore_random  # lazy: megatron-core ~2.5 s (as above)
 
     mcore_random.model_parallel_cuda_manual_seed(
         seed + 100 * layout.pp_rank + 10_007 * layout.dp_rank, force_reset_rng=True

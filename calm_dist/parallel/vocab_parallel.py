@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from torch import nn
 
 from calm_dist.parallel.state import ParallelLayout
@@ -41,8 +42,6 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Embeddings of the ids (summed over the ranks: each contributes the ids of its slice)."""
-        from megatron.core import tensor_parallel
-
         local = ids - self.start
         outside = (local < 0) | (local >= self.weight.shape[0])
         embedded = F.embedding(local.masked_fill(outside, 0), self.weight)
@@ -60,8 +59,6 @@ class VocabParallelOutput(nn.Module):
 
     def forward(self, h_BTD: torch.Tensor) -> torch.Tensor:
         """This rank's logits (B, T, V / TP); the gradient of h is summed over the ranks."""
-        from megatron.core import tensor_parallel
-
         logits = F.linear(tensor_parallel.copy_to_tensor_model_parallel_region(h_BTD), self.weight)
         if self.padding:
             logits = F.pad(logits, (0, self.padding), value=torch.finfo(logits.dtype).min)
@@ -70,8 +67,6 @@ class VocabParallelOutput(nn.Module):
 
 def vocab_parallel_token_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy (fp32) from vocabulary-split logits."""
-    from megatron.core import tensor_parallel
-
     return tensor_parallel.vocab_parallel_cross_entropy(logits_BTV.float(), targets_BT).mean()
 
 

@@ -14,7 +14,7 @@ from calm_dist.models.autoencoder import TiedProjection
 
 def register_tied_weights(model: nn.Module) -> int:
     """Declare every tied read in `model` (after deepspeed.initialize); returns how many."""
-    import deepspeed
+    import deepspeed  # lazy: deepspeed picks its accelerator on import, after init_distributed's DS_ACCELERATOR
 
     register_external_parameter = deepspeed.zero.register_external_parameter
 

@@ -16,13 +16,11 @@ import os
 import sys
 from pathlib import Path
 
-from calm_dist.sweep.spec import SweepError
+from calm_dist.sweep.plan import fmt_tokens, read_plan, write_plan
+from calm_dist.sweep.spec import SweepError, load_spec
 
 
 def _plan(args) -> int:
-    from calm_dist.sweep.plan import fmt_tokens, write_plan
-    from calm_dist.sweep.spec import load_spec
-
     points = write_plan(load_spec(args.sweep), Path(args.out), force=args.force)
     for p in points:
         print(f"{p['name']:<48} params {p['params']:>13,}  steps {p['train_steps']:>7}  "
@@ -32,6 +30,7 @@ def _plan(args) -> int:
 
 
 def _submit(args) -> int:
+    # lazy: torch (~1 s); each command imports only what it runs
     from calm_dist.sweep.runner import run_local, submit_slurm
 
     if args.slurm:
@@ -41,8 +40,7 @@ def _submit(args) -> int:
 
 
 def _status(args) -> int:
-    from calm_dist.sweep.plan import read_plan
-    from calm_dist.sweep.state import sweep_states
+    from calm_dist.sweep.state import sweep_states  # lazy: torch (~1 s), via training.run_lock; as _submit
 
     _, points = read_plan(Path(args.dir))
     counts: dict[str, int] = {}
@@ -55,7 +53,7 @@ def _status(args) -> int:
 
 
 def _collect(args) -> int:
-    from calm_dist.sweep.collect import collect_rows, write_csv
+    from calm_dist.sweep.collect import collect_rows, write_csv  # lazy: torch (~1 s); as _submit
 
     rows = collect_rows(Path(args.dir))
     out = write_csv(rows, Path(args.out))
@@ -65,7 +63,7 @@ def _collect(args) -> int:
 
 
 def _fit(args) -> int:
-    from calm_dist.sweep.fit import fit_csv
+    from calm_dist.sweep.fit import fit_csv  # lazy: numpy (~0.2 s); as _submit
 
     if not Path(args.csv).is_file():
         raise SweepError(f"{args.csv} does not exist: run `calm-sweep collect` first")
@@ -80,7 +78,7 @@ def _fit(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps([{k: v for k, v in vars(f).items()} for f in fits], indent=2))
     if args.plot:
-        from calm_dist.sweep.plot import frontier_plot
+        from calm_dist.sweep.plot import frontier_plot  # lazy: numpy and matplotlib, for --plot only
 
         print(f"plot -> {frontier_plot(fits, groups, args.metric, Path(args.plot))}")
     return 0 if fits else 1

@@ -59,6 +59,7 @@ def point_name(cfg: JobConfig, tokens: int, generic: dict[str, Any]) -> str:
 
 def build_points(spec: SweepSpec, out_dir: Path) -> list[dict[str, Any]]:
     """All points of the grid, validated; raises SweepError naming the first bad point."""
+    # lazy: these import the models (megatron-core, ~3 s); calm-sweep status reads plans without them
     from calm_dist.flops import training_flops_per_token
     from calm_dist.models.baseline import baseline_param_count
     from calm_dist.models.calm import calm_param_count

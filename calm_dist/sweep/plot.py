@@ -14,10 +14,10 @@ LABELS = {"brierlm": "BrierLM", "loss": "final eval loss", "train_loss": "final 
 
 def frontier_plot(fits: list[PowerLaw], groups: dict[str, list[tuple[float, float]]], metric: str,
                   out: Path, title: str = "") -> Path:
-    import matplotlib
+    import matplotlib  # lazy: ~0.3 s, for --plot only
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after matplotlib.use("Agg"), which must come before pyplot
 
     by_group = {f.group: f for f in fits}
     fig, ax = plt.subplots(figsize=(7, 5))

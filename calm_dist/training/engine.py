@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
+from calm_dist.config import rules
 from calm_dist.config.schema import JobConfig
-from calm_dist.models.kinds import model_kind
 from calm_dist.optim import param_groups
+from calm_dist.parallel.zero3 import register_tied_weights
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def build_ds_config(cfg: JobConfig, on_cuda: bool) -> dict:
     """The merged DeepSpeed config for this run (saved with the run and every checkpoint)."""
     ds = load_preset(preset_path(cfg))
     d = cfg.derived
-    h = model_kind(cfg.training.stage).hidden_size(cfg)
+    h = rules.stack_width(cfg)
     ds["train_batch_size"] = d.global_batch_size
     ds["train_micro_batch_size_per_gpu"] = cfg.training.micro_batch_size
     ds["gradient_accumulation_steps"] = d.gradient_accumulation_steps
@@ -148,7 +149,7 @@ def build_optimizer(model: torch.nn.Module, cfg: JobConfig):
     optimizer, name = None, "torch AdamW"
     if torch.cuda.is_available():
         try:
-            from apex.optimizers import FusedAdam
+            from apex.optimizers import FusedAdam  # lazy: optional (NVIDIA apex, see requirements-gpu.txt)
 
             optimizer, name = FusedAdam(groups, adam_w_mode=True, **kwargs), "apex FusedAdam (AdamW mode)"
         except ImportError:
@@ -160,14 +161,12 @@ def build_optimizer(model: torch.nn.Module, cfg: JobConfig):
 
 
 def create_engine(model: torch.nn.Module, cfg: JobConfig, ds_config: dict):
-    import deepspeed
+    import deepspeed  # lazy: after init_distributed's DS_ACCELERATOR; calm-train imports this module to validate
 
     optimizer, scheduler = build_optimizer(model, cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     if ds_config["zero_optimization"]["stage"] == 3:
-        from calm_dist.parallel.zero3 import register_tied_weights
-
         register_tied_weights(engine.module)
     return engine

@@ -1,7 +1,7 @@
 """The 3d regime's training engine: megatron-core tensor and pipeline parallelism, ZeRO-1 over
 data parallelism.
 
-DeepSpeed's ZeRO-2/3 cannot be combined with pipeline parallelism (ANCHORS.md §0), so this regime
+DeepSpeed's ZeRO-2/3 cannot be combined with pipeline parallelism, so this regime
 does without DeepSpeed: megatron's schedules run forward and backward of all micro-batches, the
 gradients are averaged over the data-parallel group, clipped by the norm of the whole model
 (summed over tensor and pipeline ranks, each replicated weight counted once), and stepped by
@@ -15,7 +15,13 @@ interleaved schedule runs them. Checkpoint files, in the checkpoint manager's `g
 
     mp_rank_{tp:02d}_{pp:03d}_model_states.pt      weights of one (tensor, pipeline) rank:
                                                    {"chunk0": state dict, "chunk1": ...}
-    optim_tp{tp:02d}_pp{pp:03d}_dp{dp:03d}.pt      that rank's optimizer shard and LR schedule
+    optim_tp{tp:02d}_pp{pp:03d}_dp{dp:03d}.pt      that rank's AdamW state and LR schedule:
+        {"format": "named-moments-1", "moments": {"chunk0": {"exp_avg": {name: tensor}, "exp_avg_sq": ...,
+         "step": ...}, ...}, "lr_groups": [group names], "lr_scheduler": state dict, "client_state": {...}}
+
+Moments are keyed like the weights (parameter name, stage-local layer numbers; under ZeRO-1 each
+data-parallel rank's file holds its share), so a checkpoint resumes under another TP/PP layout:
+calm_dist/checkpoint/reshard.py merges and re-cuts both with the project's sharding rules.
 """
 
 from __future__ import annotations
@@ -26,23 +32,51 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
+from calm_dist.checkpoint.reshard import (
+    NAMED_MOMENTS,
+    LayoutChangeError,
+    MergedCheckpoint,
+    SavedLayout,
+    check_same_names,
+    chunk_weight_names,
+    describe,
+    extra_state,
+    model_file_name,
+    named_moments,
+    optim_file_name,
+    read_merged,
+    restore_moments,
+    shard_named,
+)
 from calm_dist.config.schema import JobConfig
+from calm_dist.models.backbone import BackboneOptions
+from calm_dist.models.calm import unconditional_energy
 from calm_dist.optim import param_groups
-from calm_dist.parallel.pipeline import PipelineStage, broadcast_from_last_stage, run_schedule
-from calm_dist.parallel.sharding import tensor_parallel_rule
+from calm_dist.parallel.pipeline import (
+    PipelineStage,
+    broadcast_from_last_stage,
+    chunk_place,
+    run_schedule,
+    strip_to_stage,
+)
+from calm_dist.parallel.sharding import global_key, layer_offset, tensor_parallel_rule
 from calm_dist.parallel.state import ParallelLayout
+from calm_dist.parallel.vocab_parallel import parallelize_vocabulary
 from calm_dist.training.engine import lr_scheduler
+from calm_dist.training.initial_weights import load_initial_weights
+from calm_dist.training.stages import build_model
 
 logger = logging.getLogger(__name__)
 
 
 def model_file(layout: ParallelLayout) -> str:
-    return f"mp_rank_{layout.tp_rank:02d}_{layout.pp_rank:03d}_model_states.pt"
+    return model_file_name(layout.tp_rank, layout.pp_rank)
 
 
 def optim_file(layout: ParallelLayout) -> str:
-    return f"optim_tp{layout.tp_rank:02d}_pp{layout.pp_rank:03d}_dp{layout.dp_rank:03d}.pt"
+    return optim_file_name(layout.tp_rank, layout.pp_rank, layout.dp_rank)
 
 
 class _SynchronousCheckpoints:
@@ -55,8 +89,6 @@ class _SynchronousCheckpoints:
 
 class ModelParallelEngine:
     def __init__(self, chunks: list[PipelineStage], cfg: JobConfig, layout: ParallelLayout):
-        from megatron.core import parallel_state as ps
-
         self.chunks, self.cfg, self.layout = chunks, cfg, layout
         calm = type(chunks[0].model).__name__ == "CALM"
         self.report_names = ("loss", "fidelity", "diversity", "state_cosine") if calm else ("loss",)
@@ -72,7 +104,7 @@ class ModelParallelEngine:
         kwargs = dict(lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
         groups = param_groups(self.module, cfg)  # this rank's chunks: the groups they hold
         if cfg.parallel.zero_stage == 1 and layout.data_parallel > 1:
-            from torch.distributed.optim import ZeroRedundancyOptimizer
+            from torch.distributed.optim import ZeroRedundancyOptimizer  # lazy: ~0.8 s (TorchScript); ZeRO-1 only
 
             self.optimizer = ZeroRedundancyOptimizer(
                 groups, optimizer_class=torch.optim.AdamW, process_group=self.dp_group, **kwargs
@@ -179,8 +211,6 @@ class ModelParallelEngine:
     def unconditional_energy(self, blocks_BT: torch.Tensor) -> float:
         """CALM's unconditional energy level on these blocks (the collapse alarm's reference),
         computed where the frozen autoencoder lives (the last stage), on every rank of the replica."""
-        from calm_dist.models.calm import unconditional_energy
-
         value = torch.zeros(1, dtype=torch.float64, device=self.device)
         if self.layout.last_stage:
             value[0] = unconditional_energy(self.chunks[-1].model, blocks_BT)
@@ -194,9 +224,9 @@ class ModelParallelEngine:
         return self.grad_norm
 
     # -- checkpoints (called by CheckpointManager inside its atomic protocol) --------------------
-    def _optimizer_state(self) -> dict:
-        local = getattr(self.optimizer, "optim", self.optimizer)  # ZeRO-1: this rank's shard only
-        return local.state_dict()
+    def _local_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer holding this rank's moments (ZeRO-1: of its share of the parameters)."""
+        return getattr(self.optimizer, "optim", self.optimizer)
 
     def save_checkpoint(self, save_dir: str, tag: str, client_state: dict | None = None, save_latest: bool = False):
         path = Path(save_dir) / tag
@@ -204,12 +234,27 @@ class ModelParallelEngine:
         if self.layout.dp_rank == 0:  # the replicas hold identical weights
             weights = {f"chunk{i}": chunk.model.state_dict() for i, chunk in enumerate(self.chunks)}
             torch.save(weights, path / model_file(self.layout))
-        torch.save({"optimizer": self._optimizer_state(), "lr_scheduler": self.scheduler.state_dict(),
-                    "client_state": client_state or {}}, path / optim_file(self.layout))
+        # Each rank its own part, no gathering: ZeRO-1's memory saving holds at save time too.
+        local = self._local_optimizer()
+        moments = {f"chunk{i}": named_moments(local, chunk.model.named_parameters())
+                   for i, chunk in enumerate(self.chunks)}
+        torch.save({"format": NAMED_MOMENTS, "moments": moments,
+                    "lr_groups": [group["name"] for group in self.optimizer.param_groups],
+                    "lr_scheduler": self.scheduler.state_dict(), "client_state": client_state or {}},
+                   path / optim_file(self.layout))
 
     def load_checkpoint(self, load_dir: str, tag: str, load_optimizer_states: bool = True,
                         load_lr_scheduler_states: bool = True):
-        path = Path(load_dir) / tag
+        path = (Path(load_dir) / tag).resolve()  # the manager's private view is a symlink: name the real files
+        saved = SavedLayout.read(path)
+        if saved is None or saved.same_as(self.layout):
+            client_state = self._load_own_files(path, load_optimizer_states, load_lr_scheduler_states)
+        else:
+            client_state = self._load_resharded(path, saved, load_optimizer_states, load_lr_scheduler_states)
+        return str(Path(load_dir) / tag), client_state
+
+    def _load_own_files(self, path: Path, load_optimizer_states: bool, load_lr_scheduler_states: bool) -> dict:
+        """The same layout: each rank reads the files it wrote."""
         weights = _load(path / model_file(self.layout))
         if len(weights) != len(self.chunks):
             raise ValueError(f"{path} holds {len(weights)} model chunks per rank, this run {len(self.chunks)}")
@@ -217,14 +262,103 @@ class ModelParallelEngine:
             chunk.model.load_state_dict(weights[f"chunk{i}"], strict=True)
         state = _load(path / optim_file(self.layout))
         if load_optimizer_states:
-            getattr(self.optimizer, "optim", self.optimizer).load_state_dict(state["optimizer"])
+            local = self._local_optimizer()
+            if state.get("format") == NAMED_MOMENTS:
+                # The kinds saved by any chunk: a chunk without them while the others have some is an error.
+                kinds = {kind for chunk_moments in state["moments"].values() for kind in chunk_moments}
+                for i, chunk in enumerate(self.chunks):
+                    saved_moments = state["moments"][f"chunk{i}"]
+                    restore_moments(local, chunk.model.named_parameters(),
+                                    {kind: saved_moments.get(kind, {}) for kind in kinds},
+                                    f"{path / optim_file(self.layout)}, chunk{i}")
+            else:  # torch's index-keyed state, written before named moments: this layout reads it
+                local.load_state_dict(state["optimizer"])
         if load_lr_scheduler_states:
-            self.scheduler.load_state_dict(state["lr_scheduler"])
-            # ZeRO-1 copies the wrapper's lrs onto its shard at every step, and the wrapper still
-            # holds the schedule's step-0 lrs (0 for a delayed group): set the restored ones.
-            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
-                group["lr"] = lr
-        return str(path), state["client_state"]
+            self._restore_schedule(state["lr_scheduler"])
+        return state["client_state"]
+
+    def _load_resharded(self, path: Path, saved: SavedLayout, load_optimizer_states: bool,
+                        load_lr_scheduler_states: bool) -> dict:
+        """Another TP/PP layout: every rank merges all the saved shards (weights, and moments keyed
+        by parameter name) into the full model's and takes its own part, strictly."""
+        if self.layout.tp_rank == self.layout.pp_rank == self.layout.dp_rank == 0:
+            logger.info("resharding %s, written with %s, for %s", path, describe(saved), describe(self.layout))
+        # The one collective first: any error below is then raised alike on every rank, or is its own.
+        weight_names, param_names = _union_over_ranks(*self._global_names())
+        merged = read_merged(path, saved, with_optimizer=load_optimizer_states or load_lr_scheduler_states)
+        check_same_names(f"{path}: weights", weight_names, set(merged.weights))
+        for i, chunk in enumerate(self.chunks):
+            own = chunk.model.state_dict()
+            shard = shard_named(merged.weights, list(own), self._layer_offset(i), self.layout.tp_rank,
+                                self.layout.tensor_parallel, f"{path}: weights")
+            try:
+                chunk.model.load_state_dict({**shard, **extra_state(own)}, strict=True)
+            except RuntimeError as err:  # shapes: torch names the key
+                raise LayoutChangeError(f"{path}: {err}") from None
+        merged.weights = {}  # the full model's weights are no longer needed
+        if load_optimizer_states:
+            self._restore_resharded_moments(path, merged, param_names)
+        if load_lr_scheduler_states:
+            self._restore_schedule(_schedule_for_groups(merged, self.optimizer.param_groups, path))
+        if merged.lr_scheduler is None:  # no optimizer file read: the step counter from one
+            return _load(path / optim_file_name(0, 0, 0))["client_state"]
+        return merged.client_state
+
+    def _restore_resharded_moments(self, path: Path, merged: MergedCheckpoint, param_names: set[str]) -> None:
+        if not merged.moments:
+            logger.info("%s holds no optimizer moments (saved before the first optimizer step)", path)
+            return
+        check_same_names(f"{path}: optimizer moments", param_names, merged.moment_names())
+        local = self._local_optimizer()
+        stepped = {id(p) for group in local.param_groups for p in group["params"]}
+        for i, chunk in enumerate(self.chunks):
+            named = [(name, p) for name, p in chunk.model.named_parameters() if id(p) in stepped]
+            moments = {kind: shard_named(values, [name for name, _ in named], self._layer_offset(i),
+                                         self.layout.tp_rank, self.layout.tensor_parallel,
+                                         f"{path}: optimizer {kind}")
+                       for kind, values in merged.moments.items()}
+            restore_moments(local, named, moments, f"{path} (resharded), chunk{i}")
+
+    def _restore_schedule(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state)
+        # ZeRO-1 copies the wrapper's lrs onto its shard at every step, and the wrapper still
+        # holds the schedule's step-0 lrs (0 for a delayed group): set the restored ones.
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
+
+    def _layer_offset(self, vp_stage: int) -> int:
+        return layer_offset(self.cfg.model.num_layers, self.layout.pipeline_parallel, self.layout.pp_rank,
+                            self.layout.virtual_stages, vp_stage)
+
+    def _global_names(self) -> tuple[set[str], set[str]]:
+        """This rank's weights, and the parameters its optimizer steps, by global name."""
+        stepped = {id(p) for group in self._local_optimizer().param_groups for p in group["params"]}
+        weights, params = set(), set()
+        for i, chunk in enumerate(self.chunks):
+            offset = self._layer_offset(i)
+            weights |= chunk_weight_names(chunk.model.state_dict(), offset)
+            params |= {global_key(name, offset) for name, p in chunk.model.named_parameters() if id(p) in stepped}
+        return weights, params
+
+
+def _schedule_for_groups(merged: MergedCheckpoint, groups: list[dict], path: Path) -> dict:
+    """The saved LR schedule for this rank's parameter groups, matched by name: a pipeline stage
+    may now hold groups (embeddings, head) another stage's file saved."""
+    names = [group["name"] for group in groups]
+    missing = [name for name in names if name not in merged.lr_groups]
+    if missing:
+        raise LayoutChangeError(f"{path}: no optimizer file holds the LR schedule of parameter groups {missing}")
+    return {**merged.lr_scheduler, "base_lrs": [merged.lr_groups[name][0] for name in names],
+            "_last_lr": [merged.lr_groups[name][1] for name in names], "lr_lambdas": [None] * len(names)}
+
+
+def _union_over_ranks(*name_sets: set[str]) -> tuple[set[str], ...]:
+    """Each set united over every rank (all of them together hold the whole model)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return name_sets
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, name_sets)
+    return tuple(set().union(*(ranks[i] for ranks in gathered)) for i in range(len(name_sets)))
 
 
 _BUCKET_ELEMENTS = 64 * 1024 * 1024  # 256 MB of fp32 gradients per all-reduce
@@ -253,13 +387,6 @@ def _load(path: Path) -> dict:
 def build_3d_engine(cfg: JobConfig, layout: ParallelLayout, device: torch.device) -> ModelParallelEngine:
     """This rank's model chunks of the configured model (its layers and tensor shards only),
     started from training.init_weights when given, on `device`, in an engine."""
-    from calm_dist.models.backbone import BackboneOptions
-    from calm_dist.parallel.pipeline import chunk_place, strip_to_stage
-    from calm_dist.parallel.sharding import layer_offset
-    from calm_dist.parallel.vocab_parallel import parallelize_vocabulary
-    from calm_dist.training.initial_weights import load_initial_weights
-    from calm_dist.training.stages import build_model
-
     if cfg.training.precision == "bf16" and device.type != "cuda":
         raise ValueError(
             "training.precision=bf16 in the 3d regime computes under CUDA autocast (megatron's "

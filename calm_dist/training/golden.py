@@ -10,11 +10,11 @@ import json
 import math
 from pathlib import Path
 
+from calm_dist.training.metrics import read_metrics
+
 
 def run_losses(run_dir: str | Path) -> dict[int, float]:
     """Per-step training loss from a run's metrics.jsonl (the last record of a step wins)."""
-    from calm_dist.training.metrics import read_metrics
-
     losses = {}
     for record in read_metrics(Path(run_dir) / "metrics.jsonl"):
         if record.get("kind") == "train" and record.get("loss") is not None:

@@ -14,13 +14,12 @@ import torch
 from torch import nn
 
 from calm_dist.parallel.sharding import shard_state_dict
+from calm_dist.weights_file import load_safetensors
 
 _SKIPPED_PREFIX = "autoencoder."
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    from calm_dist.weights_file import load_safetensors
-
     path = Path(path)
     file = path / "model.safetensors" if path.is_dir() else path
     if not file.is_file():

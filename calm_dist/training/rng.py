@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 import torch
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +91,6 @@ def _megatron_tracker_states() -> dict[str, torch.Tensor]:
 
 
 def _restore_megatron_tracker(saved: dict[str, torch.Tensor]) -> None:
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
     tracker = get_cuda_rng_tracker()
     states = tracker.get_states()
     for name, generator_state in saved.items():

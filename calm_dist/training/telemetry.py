@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import psutil  # a DeepSpeed dependency
 import torch
 
 _GIB = 1024**3
@@ -26,7 +27,7 @@ class GpuTelemetry:
         self._nvml: Any = None
         self._handles: dict[int, Any] = {}
         try:
-            import pynvml
+            import pynvml  # lazy: optional; the note says when it is missing
         except ImportError:
             self.note = "no GPU telemetry: nvidia-ml-py (pynvml) is not installed"
             return
@@ -127,6 +128,4 @@ def memory_stats(device: torch.device | str) -> dict[str, float]:
             "mem_reserved_gib": reserved / _GIB,
             "mem_pct": 100.0 * reserved / total,
         }
-    import psutil  # a DeepSpeed dependency
-
     return {"mem_rss_gib": psutil.Process().memory_info().rss / _GIB}

@@ -16,16 +16,33 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from calm_dist import __version__
+from calm_dist.checkpoint.integrity import NonFiniteState
+from calm_dist.checkpoint.manager import CheckpointManager, check_compatible, consolidate_fp32
 from calm_dist.config import config_to_dict, rules, save_config
 from calm_dist.config.schema import JobConfig
+from calm_dist.data.index import check_tokenizer, id_mismatches, load_index
+from calm_dist.data.loader import build_train_loader, read_eval_blocks
+from calm_dist.data.shards import CorruptShardError, check_shard_sizes, verify_shards
+from calm_dist.data.tokenizer import load_tokenizer
 from calm_dist.evaluation.in_training import evaluate, rank_slice
+from calm_dist.evaluation.scorer import seed_streams
+from calm_dist.flops import compute_precision, peak_tflops, training_flops_per_token
+from calm_dist.models.autoencoder_io import save_autoencoder
 from calm_dist.models.kinds import AUTOENCODER, CALM_KIND, model_kind
 from calm_dist.parallel.launch import DistInfo
+from calm_dist.parallel.state import current_layout, ensure_model_parallel, seed_model_building, seed_training
 from calm_dist.training import stages
-from calm_dist.checkpoint.integrity import NonFiniteState
+from calm_dist.training.collapse_alarm import CollapseAlarm
 from calm_dist.training.engine import build_ds_config, create_engine
+from calm_dist.training.engine_3d import build_3d_engine
+from calm_dist.training.initial_weights import load_initial_weights
+from calm_dist.training.metrics import MetricsLogger
+from calm_dist.training.rng import capture_rng_state, restore_rng_state
+from calm_dist.training.signals import StopRequest
+from calm_dist.training.telemetry import GpuTelemetry, memory_stats
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +72,6 @@ def _all_finite(value: torch.Tensor) -> bool:
 def check_data_matches_model(cfg: JobConfig) -> None:
     """The shards' vocabulary and special ids must be the model's; with data.tokenizer pointing
     at a tokenizer file, its fingerprint must be the one the shards were made with."""
-    from calm_dist.data.index import check_tokenizer, id_mismatches, load_index
-
     if not cfg.data.train_path:
         raise ValueError("data.train_path is empty: prepare shards with calm-prepare-data and point to them")
     m = cfg.model
@@ -68,8 +83,6 @@ def check_data_matches_model(cfg: JobConfig) -> None:
             raise ValueError(f"{path}: the shards do not match the model: " + "; ".join(wrong)
                              + " (set these model fields from the shards' tokenizer)")
         if Path(cfg.data.tokenizer).exists() or cfg.data.tokenizer == "gpt2":
-            from calm_dist.data.tokenizer import load_tokenizer
-
             check_tokenizer(index, load_tokenizer(cfg.data.tokenizer))
 
 
@@ -77,9 +90,6 @@ def check_shard_files(cfg: JobConfig, rank: int, world_size: int) -> None:
     """Every shard present with its indexed size (data.verify=full: also read and checksummed, the
     shards split over the ranks), before any model is built. A damaged training shard is an error
     naming it, or with data.skip_corrupt a warning (it is skipped, and counted, when reached)."""
-    from calm_dist.data.index import load_index
-    from calm_dist.data.shards import CorruptShardError, check_shard_sizes, verify_shards
-
     for split, path in (("train", cfg.data.train_path), ("valid", cfg.data.valid_path)):
         if not path:
             continue
@@ -121,9 +131,6 @@ def checkpoint_meta(cfg: JobConfig, state: TrainState, world_size: int, ds_confi
 
 class Trainer:
     def __init__(self, cfg: JobConfig, info: DistInfo, start_time: float | None = None):
-        from calm_dist.data.loader import build_train_loader, read_eval_blocks
-        from calm_dist.checkpoint.manager import CheckpointManager, check_compatible
-
         self.cfg, self.info = cfg, info
         self.kind = model_kind(cfg.training.stage)
         self.start_time = time.time() if start_time is None else start_time
@@ -143,8 +150,6 @@ class Trainer:
             )
         check_data_matches_model(cfg)
         check_shard_files(cfg, info.rank, info.world_size)
-        from calm_dist.parallel.state import current_layout, ensure_model_parallel
-
         par = cfg.parallel
         ensure_model_parallel(par.tensor_parallel, par.pipeline_parallel, cfg.training.seed, par.virtual_pipeline_stages)
         # Data and evaluation blocks are split over the data-parallel replicas: the tensor ranks
@@ -178,19 +183,13 @@ class Trainer:
             # one figure whatever the number of replicas (a slice can be a single document).
             self.level_blocks = blocks[: blocks.shape[0] // layout.data_parallel * layout.data_parallel]
 
-        from calm_dist.parallel.state import seed_model_building, seed_training
-
         seed_model_building(cfg.training.seed, layout)  # identical initial weights on every replica
         if par.regime == "3d":
-            from calm_dist.training.engine_3d import build_3d_engine
-
             self.ds_config = None
             self.engine = build_3d_engine(cfg, layout, info.device)
         else:
             model = stages.build_model(cfg)
             if cfg.training.init_weights:
-                from calm_dist.training.initial_weights import load_initial_weights
-
                 load_initial_weights(model, cfg.training.init_weights)
             self.ds_config = build_ds_config(cfg, on_cuda=info.device.type == "cuda")
             self.engine = create_engine(model, cfg, self.ds_config)
@@ -210,8 +209,6 @@ class Trainer:
         return checkpoint_meta(self.cfg, self.state, self.info.world_size, self.ds_config)
 
     def save(self) -> str:
-        from calm_dist.training.rng import capture_rng_state
-
         # params_local: how much of the model this rank holds (under ZeRO-3 about 1/world).
         params = list(self.engine.module.parameters())
         params_local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
@@ -222,8 +219,6 @@ class Trainer:
         return tag
 
     def _resume(self, tag: str) -> None:
-        from calm_dist.training.rng import restore_rng_state
-
         meta, rank_state = self.checkpoints.load(self.engine, tag, load_optimizer=self.cfg.training.load_optimizer)
         self.state = TrainState(**meta["train_state"])
         self.loader.load_state_dict(rank_state["data"])
@@ -316,10 +311,6 @@ class Trainer:
                             level_blocks_BT=self.level_blocks)
         # The 3d regime reports the held-out loss (and CALM's unconditional level); BrierLM needs
         # generation through the pipeline: convert the checkpoint and run calm-eval for it.
-        from megatron.core import parallel_state as ps
-
-        from calm_dist.evaluation.scorer import seed_streams
-
         blocks = self.eval_blocks.to(self.info.device)
         micro = list(blocks.split(self.cfg.training.micro_batch_size))
         if len(micro) > 1 and micro[-1].shape[0] != micro[0].shape[0]:
@@ -342,12 +333,6 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self) -> TrainState:
-        from calm_dist.flops import compute_precision, peak_tflops, training_flops_per_token
-        from calm_dist.training.collapse_alarm import CollapseAlarm
-        from calm_dist.training.metrics import MetricsLogger
-        from calm_dist.training.signals import StopRequest
-        from calm_dist.training.telemetry import GpuTelemetry, memory_stats
-
         cfg, info = self.cfg, self.info
         metrics = MetricsLogger(self.run_dir, cfg.logging, info.rank, info.world_size,
                                 cfg.training.train_steps, start_step=self.state.step)
@@ -429,9 +414,6 @@ class Trainer:
 
     def export_autoencoder(self) -> Path | None:
         """Consolidate the final checkpoint's fp32 weights into <output_dir>/autoencoder."""
-        from calm_dist.models.autoencoder_io import save_autoencoder
-        from calm_dist.checkpoint.manager import consolidate_fp32
-
         target = self.run_dir / "autoencoder"
         if self.info.rank == 0:
             tag = self.checkpoints.resolve(-1)

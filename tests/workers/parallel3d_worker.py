@@ -6,7 +6,8 @@ SPEC: {"preset", "overrides" (dotted), "tokens" (a .pt tensor [steps, dp, accum,
 "out"}. The engine is the trainer's own (`build_3d_engine`, started from training.init_weights).
 Each rank writes out/rank_R.pt: its layout, the step reports, its gradients after the first step
 (per model chunk, keyed like the chunk's weights) and the energy head's first noise draw (last stage, CALM). Rank 0 then
-writes a real checkpoint into out/checkpoints through the checkpoint manager.
+writes a real checkpoint into out/checkpoints through the checkpoint manager; with "reload": true in
+SPEC a fresh engine loads it and each rank writes out/reload_R.pt (do weights and moments match).
 """
 
 from __future__ import annotations
@@ -65,6 +66,22 @@ def main(spec_path: str) -> None:
     state = TrainState(step=tokens.shape[0])
     manager = CheckpointManager(out / "checkpoints", keep_last=0, rank=info.rank, world_size=info.world_size)
     manager.save(engine, state.step, checkpoint_meta(cfg, state, info.world_size, None), {"rank": info.rank})
+    if spec.get("reload"):
+        torch.save(_reload(engine, manager, cfg, layout, info), out / f"reload_{info.rank}.pt")
+
+
+def _reload(engine, manager, cfg, layout, info) -> dict:
+    """A fresh engine loads the checkpoint just saved (same layout): are its weights and this
+    rank's AdamW state (under ZeRO-1 its share) the saved engine's?"""
+    from calm_dist.training.engine_3d import build_3d_engine
+
+    again = build_3d_engine(cfg, layout, info.device)
+    manager.load(again, manager.tags()[-1])
+    weights = all(torch.equal(a, b) for a, b in zip(engine.params, again.params))
+    local, loaded = (getattr(e.optimizer, "optim", e.optimizer) for e in (engine, again))
+    with_state = [(local.state[a], loaded.state[b]) for a, b in zip(engine.params, again.params) if a in local.state]
+    moments = all(set(old) == set(new) and all(torch.equal(old[k], new[k]) for k in old) for old, new in with_state)
+    return {"weights": weights, "moments": moments, "with_state": len(with_state), "params": len(engine.params)}
 
 
 if __name__ == "__main__":

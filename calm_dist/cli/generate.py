@@ -1,7 +1,7 @@
 """Sample text from a trained CALM or token baseline (CALM.md §4).
 
-    python -m calm_dist.generate runs/tiny/calm --prompt "The state of the Union is" --seed 0
-    python -m calm_dist.generate converted/calm-m --prompts-file prompts.txt --num-samples 4 \\
+    python -m calm_dist.cli.generate runs/tiny/calm --prompt "The state of the Union is" --seed 0
+    python -m calm_dist.cli.generate converted/calm-m --prompts-file prompts.txt --num-samples 4 \\
         --temperature 1/3 --sampler batch --candidates 200 --out samples.jsonl
 
 MODEL is anything `load_pretrained` accepts (a training run, its checkpoints, one checkpoint, a
@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 
 from calm_dist.common.dist_env import resolve_device
+from calm_dist.generation import generate_baseline, generate_calm
+from calm_dist.sampling.temperature import parse_temperature
 
 GENERATING_KINDS = ("calm", "baseline")
 
@@ -59,8 +61,6 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def parse_cli_temperature(text: str, sampler: str | None = None) -> Fraction:
     """T as an exact fraction ('0.5', '1/3'); CALM's batch sampler (sampler='batch') needs T = 1/n."""
-    from calm_dist.sampling.temperature import parse_temperature
-
     try:
         temperature = Fraction(text)
         _, fraction = parse_temperature(temperature)
@@ -102,8 +102,6 @@ class TextGenerator:
         return "direct" if self.temperature == 1 else self.args.sampler
 
     def _run(self, prompt_ids: list[int]):
-        from calm_dist.generation import generate_baseline, generate_calm
-
         rows = [prompt_ids] * self.args.num_samples
         torch.manual_seed(self.args.seed)
         if self.pre.kind == "calm":
@@ -162,6 +160,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def load_generator(args: argparse.Namespace) -> tuple[TextGenerator, list[str]]:
     """Everything that bad input can break, checked before any sampling."""
+    # lazy: the models import megatron-core (~2.5 s); --help and usage errors don't wait for it
     from calm_dist.pretrained import load_pretrained
 
     _check_numbers(args)
