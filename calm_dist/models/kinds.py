@@ -41,7 +41,8 @@ class ModelKind:
     # for a fresh one) -> an untrained model
     build: Callable[[JobConfig, BackboneOptions | None, nn.Module | None], nn.Module]
     reads_chunks: bool  # its inputs are (B, C, K) chunks of a block, not the token block itself
-    step_metrics: Callable[[object], dict[str, float]]  # scalars to log from one forward's output
+    # (log key, output field) of the scalars logged per step besides the loss
+    logged_outputs: tuple[tuple[str, str], ...]
     score_block: Callable[..., BlockScore]  # calm_dist.models.scoring
     brier_family: str | None  # the BrierLM figures its evaluation reports (None: no BrierLM)
     loss_name: str  # its evaluation loss in calm-eval's report
@@ -50,6 +51,10 @@ class ModelKind:
     probe_tokens: Callable[[JobConfig, int, torch.Generator], torch.Tensor]  # conversion check inputs
     probe_outputs: Probe  # outputs a conversion must reproduce, each after seeding torch with `seed`
     frozen_modules: tuple[str, ...] = ()  # top-level modules that never train
+
+    def step_metrics(self, out) -> dict[str, float]:
+        """The scalars to log from one forward's output (besides the loss)."""
+        return {key: getattr(out, field).item() for key, field in self.logged_outputs}
 
     def inputs(self, cfg: JobConfig, tokens_BT: torch.Tensor) -> torch.Tensor:
         """What the model reads from a batch of token blocks."""
@@ -75,8 +80,7 @@ AUTOENCODER = ModelKind(
     name="autoencoder",
     build=lambda cfg, options, autoencoder: Autoencoder(cfg.autoencoder),
     reads_chunks=True,
-    step_metrics=lambda out: {"ce": out.ce.item(), "kl": out.kl.item(), "acc": out.accuracy.item(),
-                              "sigma": out.sigma_mean.item()},
+    logged_outputs=(("ce", "ce"), ("kl", "kl"), ("acc", "accuracy"), ("sigma", "sigma_mean")),
     score_block=score_autoencoder_block,
     brier_family=None,
     loss_name="ce",
@@ -114,8 +118,7 @@ CALM_KIND = ModelKind(
     name="calm",
     build=_build_calm,
     reads_chunks=False,
-    step_metrics=lambda out: {"fid": out.fidelity.item(), "div": out.diversity.item(),
-                              "cos": out.state_cosine.item()},
+    logged_outputs=(("fid", "fidelity"), ("div", "diversity"), ("cos", "state_cosine")),
     score_block=score_calm_block,
     brier_family="calm",
     loss_name="energy_loss",
@@ -144,7 +147,7 @@ BASELINE = ModelKind(
     name="baseline",
     build=lambda cfg, options, autoencoder: TokenBaseline(cfg.model, backbone_options=options or BackboneOptions()),
     reads_chunks=False,
-    step_metrics=lambda out: {},
+    logged_outputs=(),
     score_block=score_baseline_block,
     brier_family="all",
     loss_name="ce",

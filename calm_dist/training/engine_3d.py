@@ -53,6 +53,7 @@ from calm_dist.checkpoint.reshard import (
 from calm_dist.config.schema import JobConfig
 from calm_dist.models.backbone import BackboneOptions
 from calm_dist.models.calm import unconditional_energy
+from calm_dist.models.kinds import model_kind
 from calm_dist.optim import param_groups
 from calm_dist.parallel.pipeline import (
     PipelineStage,
@@ -90,8 +91,8 @@ class _SynchronousCheckpoints:
 class ModelParallelEngine:
     def __init__(self, chunks: list[PipelineStage], cfg: JobConfig, layout: ParallelLayout):
         self.chunks, self.cfg, self.layout = chunks, cfg, layout
-        calm = type(chunks[0].model).__name__ == "CALM"
-        self.report_names = ("loss", "fidelity", "diversity", "state_cosine") if calm else ("loss",)
+        # The loss and the kind's logged outputs (CALM: fidelity, diversity, state cosine).
+        self.report_names = ("loss",) + tuple(field for _, field in model_kind(cfg.training.stage).logged_outputs)
         # What the trainer reads as "the model": the chunk's model, or all of them in order.
         self.module = chunks[0].model if len(chunks) == 1 else torch.nn.ModuleList(c.model for c in chunks)
         self.checkpoint_engine = _SynchronousCheckpoints()

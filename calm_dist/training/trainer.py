@@ -299,8 +299,7 @@ class Trainer:
             bad_in_a_row += 1
             self._count_bad_step(bad_in_a_row)
         self._finish_step()
-        extras = ({"fid": report["fidelity"], "div": report["diversity"], "cos": report["state_cosine"]}
-                  if "fidelity" in report else {})
+        extras = {key: report[field] for key, field in self.kind.logged_outputs}
         return {"loss": report["loss"], **extras, "grad_norm": self.engine.get_global_grad_norm(),
                 "lr": max(self.engine.get_lr()), "data_ms": 1e3 * data_time}
 
