@@ -53,16 +53,14 @@ class Tally:
         if not (dist.is_initialized() and dist.get_world_size() > 1):
             return self
         names, families = sorted(self.sums), sorted(self.brier)
-        flat = torch.cat([torch.tensor([self.sums[n] for n in names], dtype=torch.float64),
-                          *(self.brier[f].state() for f in families)]).to(device)
+        parts = [torch.tensor([self.sums[n] for n in names], dtype=torch.float64),
+                 *(self.brier[f].state() for f in families)]
+        flat = torch.cat(parts).to(device)
         dist.all_reduce(flat)
-        flat = flat.cpu()
+        reduced_parts = flat.cpu().split([part.numel() for part in parts])
         reduced = Tally()
-        reduced.sums = dict(zip(names, flat[: len(names)].tolist()))
-        width = 3 * MAX_N + 2
-        for i, family in enumerate(families):
-            start = len(names) + i * width
-            reduced.brier[family] = BrierAccumulator.from_state(flat[start : start + width])
+        reduced.sums = dict(zip(names, reduced_parts[0].tolist()))
+        reduced.brier = {f: BrierAccumulator.from_state(state) for f, state in zip(families, reduced_parts[1:])}
         return reduced
 
     def brier_summary(self, family: str) -> dict:
