@@ -5,7 +5,7 @@ Weight decay applies to matrices and embeddings only (CALM.md §9.4): biases and
 CALM) are left out entirely. Each module group (`calm_dist.module_groups`) gets
 optimizer.lr x `optimizer.lr_multipliers[group]` and optimizer.weight_decay x
 `optimizer.weight_decay_multipliers[group]` (missing entries: 1.0); its LR delay is applied by the
-schedule (`calm_dist.training.engine.lr_scheduler`), which reads each group's `module_group`.
+schedule (`calm_dist.engines.optimizer.lr_scheduler`), which reads each group's `module_group`.
 
 The group order is fixed (the stage's module groups in `MODULE_GROUPS` order, decay before no decay,
 empty groups dropped), so a resumed run with the same model gets the same groups in the same order

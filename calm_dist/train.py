@@ -26,7 +26,7 @@ from calm_dist.config import ConfigError, config_to_dict, load_config, validate
 from calm_dist.environment import log_backend_report
 from calm_dist.parallel.launch import init_distributed
 from calm_dist.parallel.memory import describe
-from calm_dist.training.engine import DeepSpeedPresetError, build_ds_config
+from calm_dist.engines.deepspeed_config import DeepSpeedPresetError, build_ds_config
 from calm_dist.training.run_lock import RunLock
 
 

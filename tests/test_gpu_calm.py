@@ -33,7 +33,7 @@ def test_3d_engine_steps_in_bf16_on_one_gpu():
     """The 3d regime's engine (TP = PP = 1 on one GPU) takes bf16 autocast steps with fp32
     weights: finite losses that fall on a repeated batch."""
     from calm_dist.parallel.state import current_layout, seed_model_building, seed_training
-    from calm_dist.training.engine_3d import build_3d_engine
+    from calm_dist.engines.megatron_3d import build_3d_engine
 
     ensure_model_parallel()
     cfg = validate(load_config(["tiny_baseline"], ["parallel.regime=3d", "parallel.zero_stage=1",

@@ -15,7 +15,7 @@ from calm_dist.models.autoencoder import Autoencoder
 from calm_dist.module_groups import module_group
 from calm_dist.optim import param_groups
 from calm_dist.parallel.state import ParallelLayout, ensure_model_parallel
-from calm_dist.training.engine import lr_scheduler
+from calm_dist.engines.optimizer import lr_scheduler
 
 SHAPE = [
     "model.vocab_size=97", "model.pad_token_id=96", "model.bos_token_id=0", "model.eos_token_id=0",
@@ -165,7 +165,7 @@ def test_3d_chunk_names_map_like_the_whole_model():
     from calm_dist.models.calm import CALM
     from calm_dist.parallel.pipeline import strip_to_stage
     from calm_dist.parallel.vocab_parallel import VocabParallelEmbedding, VocabParallelOutput, parallelize_vocabulary
-    from calm_dist.training.stages import build_model
+    from calm_dist.engines.model_build import build_model
 
     for preset in ("tiny_calm", "tiny_baseline"):
         cfg = _cfg(preset)
@@ -202,9 +202,9 @@ def _names(model: nn.Module, params: list) -> list[str]:
 def test_single_process_3d_engine_uses_the_same_groups(tmp_path):
     from calm_dist.models.autoencoder_io import save_autoencoder
     from calm_dist.parallel.state import current_layout
-    from calm_dist.training.engine import build_optimizer
-    from calm_dist.training.engine_3d import build_3d_engine
-    from calm_dist.training.stages import build_model
+    from calm_dist.engines.megatron_3d import build_3d_engine
+    from calm_dist.engines.optimizer import build_optimizer
+    from calm_dist.engines.model_build import build_model
 
     ae_cfg = _cfg().autoencoder
     save_autoencoder(Autoencoder(ae_cfg).state_dict(), ae_cfg, tmp_path / "ae")
@@ -262,7 +262,7 @@ def test_delayed_groups_stay_bit_identical_then_train():
 
 
 def test_cosine_of_a_delayed_group_still_ends_at_min_lr():
-    from calm_dist.training.engine import lr_lambda
+    from calm_dist.engines.optimizer import lr_lambda
 
     cfg = _cfg("tiny_calm", "optimizer.schedule=cosine", "optimizer.min_lr=1e-4", "optimizer.lr=1e-3",
                "optimizer.warmup_steps=10", "training.train_steps=100")

@@ -43,7 +43,7 @@ def seed_files(tmp_path_factory):
     """A random frozen autoencoder and, per stage, seed weights of the single-process model."""
     from safetensors.torch import save_file
 
-    from calm_dist.training.stages import build_model
+    from calm_dist.engines.model_build import build_model
 
     root = tmp_path_factory.mktemp("seed")
     ensure_model_parallel()
@@ -63,9 +63,9 @@ def seed_files(tmp_path_factory):
 def _reference(preset: str, overrides: list[str], tokens, dp: int, pp: int):
     """Single process: the same steps, replica by replica, each with its own noise stream."""
     from calm_dist.optim import param_groups
-    from calm_dist.training.engine import lr_scheduler
-    from calm_dist.training.initial_weights import load_initial_weights
-    from calm_dist.training.stages import build_model
+    from calm_dist.engines.optimizer import lr_scheduler
+    from calm_dist.engines.initial_weights import load_initial_weights
+    from calm_dist.engines.model_build import build_model
 
     ensure_model_parallel()
     cfg = _config(preset, overrides)
@@ -378,7 +378,7 @@ def test_a_tp2_pp2_checkpoint_loads_into_one_process_and_names_a_missing_optimiz
     from calm_dist.checkpoint.reading import merged_model_parallel_weights, resolve_checkpoint
     from calm_dist.config import config_from_dict
     from calm_dist.parallel.state import current_layout, seed_model_building
-    from calm_dist.training.engine_3d import build_3d_engine
+    from calm_dist.engines.megatron_3d import build_3d_engine
 
     checkpoint = tmp_path / "global_step2"
     shutil.copytree(trainer_run["straight"] / "checkpoints" / "global_step2", checkpoint)
@@ -536,7 +536,7 @@ def test_memory_estimate_uses_the_activations_our_layers_keep():
 
 def test_bf16_3d_on_a_cpu_is_refused_before_building():
     from calm_dist.parallel.state import current_layout
-    from calm_dist.training.engine_3d import build_3d_engine
+    from calm_dist.engines.megatron_3d import build_3d_engine
 
     ensure_model_parallel()
     cfg = _config("tiny_baseline", SHAPE + ["parallel.regime=3d", "parallel.zero_stage=1", "training.precision=bf16"])
@@ -544,19 +544,32 @@ def test_bf16_3d_on_a_cpu_is_refused_before_building():
         build_3d_engine(cfg, current_layout(), torch.device("cpu"))
 
 
-def test_gradient_buckets_keep_order_and_bound_their_size():
-    from calm_dist.training.engine_3d import _buckets
+def test_megatron_clipping_reports_the_global_norm_and_clips_to_the_limit(seed_files):
+    """One process, TP = PP = 1: the optimizer steps on megatron DDP's reduced buffers, clipped
+    by megatron-core to optimizer.grad_clip, which holds only if the reported norm is theirs."""
+    from calm_dist.parallel.state import current_layout, seed_model_building
+    from calm_dist.engines.megatron_3d import build_3d_engine
 
-    tensors = [torch.zeros(n) for n in (3, 4, 10, 1, 2, 2)]
-    groups = _buckets(tensors, max_elements=6)
-    assert [[t.numel() for t in g] for g in groups] == [[3], [4], [10], [1, 2, 2]]
-    assert [t for g in groups for t in g] == tensors
+    ensure_model_parallel()
+    cfg = _config("tiny_baseline", SHAPE + ["parallel.regime=3d", "parallel.zero_stage=0", "optimizer.grad_clip=0.05"])
+    seed_model_building(cfg.training.seed, current_layout())
+    engine = build_3d_engine(cfg, current_layout(), torch.device("cpu"))
+    seen = {}
+    # The optimizer's step sees the clipped gradients; a pre-hook records them and the buffers'.
+    engine.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.update(
+        clipped=torch.stack([p.grad.norm() for p in engine.params]).norm().item(),
+        in_buffers=all(p.grad.data_ptr() == p.main_grad.data_ptr() for p in engine.params)))
+    tokens = torch.randint(1, 90, (2, cfg.derived.block_tokens))
+    engine.train_batch([tokens])
+    assert seen["in_buffers"]  # the optimizer reads megatron DDP's reduced buffers
+    assert engine.get_global_grad_norm() > 0.05  # the limit was binding
+    assert seen["clipped"] == pytest.approx(0.05, rel=1e-5)
 
 
 def test_a_non_finite_gradient_skips_the_step_without_touching_the_weights(seed_files):
     """One process, TP = PP = 1: an infinite gradient (finite loss) is never applied."""
     from calm_dist.parallel.state import current_layout, seed_model_building
-    from calm_dist.training.engine_3d import build_3d_engine
+    from calm_dist.engines.megatron_3d import build_3d_engine
 
     ensure_model_parallel()
     cfg = _config("tiny_baseline", SHAPE + ["parallel.regime=3d", "parallel.zero_stage=0"])

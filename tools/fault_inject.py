@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv[:cut])
 
     from calm_dist import train
-    from calm_dist.training import stages
+    from calm_dist.engines import model_build as stages
 
     build = stages.build_model
 

@@ -28,7 +28,7 @@ from calm_dist.models.scoring import calm_block_terms
 from calm_dist.models.autoencoder_io import load_autoencoder
 from calm_dist.models.calm import CALM, unconditional_energy
 from calm_dist.parallel.state import ensure_model_parallel
-from calm_dist.training.engine import build_optimizer
+from calm_dist.engines.optimizer import build_optimizer
 
 TRUNK = ("embeddings", "compressor", "backbone")  # every module group but the head
 

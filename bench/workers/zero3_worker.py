@@ -1,5 +1,5 @@
 """Worker for bench/zero3.py: a real DeepSpeed ZeRO-3 engine (gloo, one process per rank) around
-the tiny CALM, built as the trainer builds it (calm_dist.training.engine). Each rank writes
+the tiny CALM, built as the trainer builds it (calm_dist.engines.deepspeed_zero). Each rank writes
 `<out>/rank<R>.json`: the bytes of its parameter partitions and optimizer state, and its step times.
 
     torchrun --nproc_per_node 2 bench/workers/zero3_worker.py --out DIR [--steps 3] [--preset tiny_calm]
@@ -37,14 +37,17 @@ def main() -> None:
 
     from bench.common import build_calm
     from calm_dist.config import load_config, validate
-    from calm_dist.training.engine import build_ds_config, create_engine
+    from calm_dist.engines.deepspeed_config import build_ds_config
+    from calm_dist.engines.deepspeed_zero import ZeroEngine
+    from calm_dist.parallel.state import current_layout, ensure_model_parallel
 
     cfg = validate(load_config([args.preset], [f"training.micro_batch_size={args.micro_batch}"]),
                    world_size=info.world_size)
     model = build_calm(cfg, seed=0)
     total_params = sum(tensor_bytes(q) for q in model.parameters())
     trainable = sum(tensor_bytes(q) for q in model.parameters() if q.requires_grad)
-    engine = create_engine(model, cfg, build_ds_config(cfg, on_cuda=False))
+    ensure_model_parallel()
+    engine = ZeroEngine(model, cfg, build_ds_config(cfg, on_cuda=False), current_layout(), torch.device("cpu")).ds
     g = torch.Generator().manual_seed(1000 + info.rank)
     block = cfg.derived.block_tokens
     times = []

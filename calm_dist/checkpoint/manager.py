@@ -27,7 +27,7 @@ Resuming verifies the checkpoint against its manifest first; a damaged one is re
 the newest one that verifies is used instead (`training.resume_fallback`).
 Leftover `*.partial` (and `*.stale`, directories being deleted) are removed when a manager starts.
 The guarantee is against dying processes on a shared filesystem; it assumes DeepSpeed's default,
-synchronous checkpoint engine (a decoupled one is refused).
+synchronous checkpoint engine (the zero3 engine refuses a decoupled one when it is built).
 """
 
 from __future__ import annotations
@@ -248,8 +248,6 @@ class CheckpointManager:
         Raises NonFiniteState (nothing written) when weights or optimizer states are not finite,
         CheckpointSaveError when the files cannot be written (the partial save removed).
         """
-        if engine.checkpoint_engine.is_decoupled():
-            raise ValueError("a decoupled (asynchronous) DeepSpeed checkpoint engine breaks atomic saves")
         started = time.perf_counter()
         tag = tag_for(step)
         partial = self.save_dir / (tag + PARTIAL)

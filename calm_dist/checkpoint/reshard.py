@@ -1,7 +1,7 @@
 """The 3d checkpoint's optimizer state keyed by parameter name, and resuming a 3d checkpoint under
 another tensor/pipeline layout (same data-parallel size).
 
-A 3d checkpoint (calm_dist/training/engine_3d.py) keeps, per (tensor, pipeline) rank, the model
+A 3d checkpoint (calm_dist/engines/megatron_3d.py) keeps, per (tensor, pipeline) rank, the model
 weights and, per (tensor, pipeline, data) rank, AdamW's state of the parameters that rank steps,
 keyed like the weights: by the parameter's name in its model chunk (stage-local layer numbers).
 So the project's one set of TP/PP rules (calm_dist/parallel/sharding.py) applies to both: when

@@ -13,7 +13,9 @@ What `apply_cpu_compat()` patches, once, only when `torch.cuda.is_available()` i
   generator, so "CUDA" and CPU RNG are the same stream (megatron then logs "CPU RNG state changed
   within GPU RNG context" around dropout: expected);
 - torch's tensor factories turn a CUDA `device=` into the CPU and drop `pin_memory=True`;
-  `Tensor.cuda()` returns the tensor itself and `Tensor.to("cuda")` stays on the CPU.
+  `Tensor.cuda()` returns the tensor itself and `Tensor.to("cuda")` stays on the CPU;
+- megatron's `clip_grad_by_total_norm_fp32` asserts that every gradient is a CUDA tensor (the
+  only CUDA-specific line in it): the patched one is the same scaling without that assertion.
 
 The factories are plain wrappers, not a `TorchFunctionMode`: such a mode is popped while
 `autograd.Function.apply` runs, so the allocations inside megatron's `CheckpointFunction.forward`
@@ -71,12 +73,28 @@ def _tensor_to_cpu(original_to):
     return to
 
 
+def _clip_grad_by_total_norm_fp32(clip_grads):
+    """megatron's `clip_grads.clip_grad_by_total_norm_fp32` without its CUDA-tensor assertion:
+    the same coefficient and the same multi-tensor scaling."""
+
+    def clip(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if grads and clip_coeff < 1.0:
+            overflow = torch.zeros(1, dtype=torch.int)
+            clip_grads.multi_tensor_applier(clip_grads.multi_tensor_scale_impl, overflow, [grads, grads], clip_coeff)
+
+    return clip
+
+
 def apply_cpu_compat() -> bool:
     """Patch torch (and megatron's RNG helpers) for CPU use; True if this call patched."""
     global _applied
     if _applied or torch.cuda.is_available():
         return False
     # lazy: megatron-core takes ~2.5 s to import; parallel.state (so checkpoint reading) imports this module
+    from megatron.core.optimizer import clip_grads
     from megatron.core.tensor_parallel import random as mcore_random
 
     # TorchScript-compiled at import (ZeroRedundancyOptimizer's functional optimizers): scripting
@@ -96,6 +114,7 @@ def apply_cpu_compat() -> bool:
         namespace.manual_seed = lambda seed: torch.manual_seed(seed)
     mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mcore_random._set_cuda_rng_state = lambda new_state, *a, **kw: torch.set_rng_state(new_state)
+    clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32(clip_grads)
     _applied = True
     logger.info("megatron-core CPU compatibility layer applied (no CUDA device)")
     return True

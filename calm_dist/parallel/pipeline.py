@@ -31,6 +31,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.enums import ModelType
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_attr_wrapped_model
 from torch import nn
 
 from calm_dist.parallel.state import ParallelLayout
@@ -51,13 +52,18 @@ def chunk_place(layout: ParallelLayout, vp_stage: int = 0) -> tuple[bool, bool]:
 class PipelineStage(nn.Module):
     """One model chunk on one rank, in the form megatron's schedules drive: `config`,
     `model_type`, `vp_stage`, `set_input_tensor`, and a forward that returns the activations to
-    send (the last chunk of the model: the model's output with its loss)."""
+    send (the last chunk of the model: the model's output with its loss). `pre_process` and
+    `share_embeddings_and_output_weights` are what megatron's `finalize_model_grads` reads: our
+    models never tie an embedding across stages."""
+
+    share_embeddings_and_output_weights = False
 
     def __init__(self, model: nn.Module, first: bool, last: bool, steps_per_block: int,
                  vp_stage: int | None = None, autocast_dtype=None):
         super().__init__()
         self.model = model
         self.first, self.last = first, last
+        self.pre_process = first
         self.vp_stage = vp_stage  # None without virtual stages (megatron checks it against its own)
         self.steps = steps_per_block
         self.config = model.backbone.config
@@ -97,31 +103,34 @@ def strip_to_stage(model: nn.Module, first: bool, last: bool) -> nn.Module:
     return model
 
 
-def _loss_func(output, loss: torch.Tensor):
-    """megatron's loss_func: the tensor to backpropagate and what to report. megatron divides the
-    returned tensor in place by the number of micro-batches, so the report holds copies."""
+def _loss_func(output, fields: Sequence[str], loss: torch.Tensor):
+    """megatron's loss_func: the tensor to backpropagate and what to report (the loss and the
+    output's `fields`). megatron divides the returned tensor in place by the number of
+    micro-batches, so the report holds copies."""
     report = {"loss": loss.detach().clone()}
-    for name in ("fidelity", "diversity", "state_cosine"):
-        if hasattr(output, name):
-            report[name] = getattr(output, name).detach().clone()
+    for name in fields:
+        report[name] = getattr(output, name).detach().clone()
     return loss, report
 
 
 def run_schedule(
-    chunks: Sequence[PipelineStage],
+    chunks: Sequence[nn.Module],
     micro_batches: Sequence[torch.Tensor],
     forward_only: bool = False,
+    report_fields: Sequence[str] = (),
 ) -> list[dict[str, torch.Tensor]]:
     """Forward (and backward) of every micro-batch through megatron's pipeline schedule (1F1B
-    with PP > 1, interleaved 1F1B with virtual stages, plain accumulation with PP = 1). The
-    gradients of the micro-batches' mean loss are left in `.grad`; the rank holding the model's
-    last chunk returns one report per micro-batch, the others []."""
-    def forward_step(data_iterator: Iterator[torch.Tensor], model: PipelineStage):
+    with PP > 1, interleaved 1F1B with virtual stages, plain accumulation with PP = 1) over this
+    rank's chunks (PipelineStages, or megatron DDP wrappers of them). The gradients of the
+    micro-batches' mean loss are left where the wrappers put them (`.main_grad` under megatron
+    DDP, else `.grad`); the rank holding the model's last chunk returns one report per
+    micro-batch (the loss and the model output's `report_fields`), the others []."""
+    def forward_step(data_iterator: Iterator[torch.Tensor], model: nn.Module):
         tokens = next(data_iterator)
         output = model(tokens)
-        if not model.last:
+        if not get_attr_wrapped_model(model, "last"):
             return output, None
-        return output.loss, partial(_loss_func, output)
+        return output.loss, partial(_loss_func, output, report_fields)
 
     micro_batch_size = micro_batches[0].shape[0]
     return list(
@@ -130,7 +139,7 @@ def run_schedule(
             data_iterator=[iter(micro_batches) for _ in chunks],  # each chunk reads every micro-batch
             model=list(chunks),
             num_microbatches=len(micro_batches),
-            seq_length=chunks[0].steps,
+            seq_length=get_attr_wrapped_model(chunks[0], "steps"),
             micro_batch_size=micro_batch_size,
             forward_only=forward_only,
         )

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import tensor_parallel as mcore_tp
 from torch import nn
 
 from calm_dist.parallel.state import ParallelLayout
@@ -33,12 +33,21 @@ def _slices(full_weight_VD: torch.Tensor, tensor_parallel: int) -> tuple[torch.T
     return slices
 
 
+def _shard_parameter(rows_VD: torch.Tensor) -> nn.Parameter:
+    """This rank's rows as a parameter marked the way megatron's own split layers mark theirs, so
+    that megatron-core's gradient norm counts it on every tensor rank (a replicated weight counts
+    on tensor rank 0 only)."""
+    weight = nn.Parameter(rows_VD.clone())
+    mcore_tp.set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=0, stride=1)
+    return weight
+
+
 class VocabParallelEmbedding(nn.Module):
     def __init__(self, full_weight_VD: torch.Tensor, tp_rank: int, tensor_parallel: int):
         super().__init__()
         slices = _slices(full_weight_VD, tensor_parallel)
         self.start = sum(piece.shape[0] for piece in slices[:tp_rank])
-        self.weight = nn.Parameter(slices[tp_rank].clone())
+        self.weight = _shard_parameter(slices[tp_rank])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Embeddings of the ids (summed over the ranks: each contributes the ids of its slice)."""
@@ -46,7 +55,7 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local < 0) | (local >= self.weight.shape[0])
         embedded = F.embedding(local.masked_fill(outside, 0), self.weight)
         embedded = embedded.masked_fill(outside.unsqueeze(-1), 0.0)
-        return tensor_parallel.reduce_from_tensor_model_parallel_region(embedded)
+        return mcore_tp.reduce_from_tensor_model_parallel_region(embedded)
 
 
 class VocabParallelOutput(nn.Module):
@@ -54,12 +63,12 @@ class VocabParallelOutput(nn.Module):
         super().__init__()
         slices = _slices(full_weight_VD, tensor_parallel)
         self.slice_width = slices[0].shape[0]  # every rank's logits width (the last one padded)
-        self.weight = nn.Parameter(slices[tp_rank].clone())
+        self.weight = _shard_parameter(slices[tp_rank])
         self.padding = self.slice_width - self.weight.shape[0]
 
     def forward(self, h_BTD: torch.Tensor) -> torch.Tensor:
         """This rank's logits (B, T, V / TP); the gradient of h is summed over the ranks."""
-        logits = F.linear(tensor_parallel.copy_to_tensor_model_parallel_region(h_BTD), self.weight)
+        logits = F.linear(mcore_tp.copy_to_tensor_model_parallel_region(h_BTD), self.weight)
         if self.padding:
             logits = F.pad(logits, (0, self.padding), value=torch.finfo(logits.dtype).min)
         return logits
@@ -67,7 +76,7 @@ class VocabParallelOutput(nn.Module):
 
 def vocab_parallel_token_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy (fp32) from vocabulary-split logits."""
-    return tensor_parallel.vocab_parallel_cross_entropy(logits_BTV.float(), targets_BT).mean()
+    return mcore_tp.vocab_parallel_cross_entropy(logits_BTV.float(), targets_BT).mean()
 
 
 def parallelize_vocabulary(model: nn.Module, layout: ParallelLayout, first: bool, last: bool) -> nn.Module:

@@ -1,9 +1,10 @@
-"""The training loop: one trainer for the autoencoder, CALM and the token baseline on DeepSpeed.
+"""The training loop: one trainer for the autoencoder, CALM and the token baseline, in either
+regime (the engine, `calm_dist.engines`, holds what differs).
 
 Order of work: validate everything that can be checked (config, data, checkpoint compatibility)
-before any model is built; build the model with the same seed on every rank; wrap it in a
-DeepSpeed engine; resume; then step, log, evaluate, checkpoint, and stop cleanly on a signal, a
-wall-clock budget, too many non-finite losses, or the last step.
+before any model is built; build the model with the same seed on every rank, in the regime's
+engine; resume; then step, log, evaluate, checkpoint, and stop cleanly on a signal, a wall-clock
+budget, too many non-finite losses, or the last step.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
 from calm_dist import __version__
 from calm_dist.checkpoint.integrity import NonFiniteState
@@ -27,18 +27,14 @@ from calm_dist.data.index import check_tokenizer, id_mismatches, load_index
 from calm_dist.data.loader import build_train_loader, read_eval_blocks
 from calm_dist.data.shards import CorruptShardError, check_shard_sizes, verify_shards
 from calm_dist.data.tokenizer import load_tokenizer
-from calm_dist.evaluation.in_training import evaluate, rank_slice
-from calm_dist.evaluation.scorer import seed_streams
+from calm_dist.engines.build import build_engine
+from calm_dist.evaluation.in_training import rank_slice
 from calm_dist.flops import compute_precision, peak_tflops, training_flops_per_token
 from calm_dist.models.autoencoder_io import save_autoencoder
-from calm_dist.models.kinds import AUTOENCODER, CALM_KIND, model_kind
+from calm_dist.models.kinds import AUTOENCODER, model_kind
 from calm_dist.parallel.launch import DistInfo
 from calm_dist.parallel.state import current_layout, ensure_model_parallel, seed_model_building, seed_training
-from calm_dist.training import stages
 from calm_dist.training.collapse_alarm import CollapseAlarm
-from calm_dist.training.engine import build_ds_config, create_engine
-from calm_dist.training.engine_3d import build_3d_engine
-from calm_dist.training.initial_weights import load_initial_weights
 from calm_dist.training.metrics import MetricsLogger
 from calm_dist.training.rng import capture_rng_state, restore_rng_state
 from calm_dist.training.signals import StopRequest
@@ -59,14 +55,6 @@ class TrainState:
 
 class TrainingStopped(RuntimeError):
     """The run stopped early for a reason that needs the user (e.g. diverging loss)."""
-
-
-def _all_finite(value: torch.Tensor) -> bool:
-    """True only if the value is finite on every rank (all ranks must take the same branch)."""
-    flag = torch.tensor([1.0 if torch.isfinite(value).all() else 0.0], device=value.device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 def check_data_matches_model(cfg: JobConfig) -> None:
@@ -184,15 +172,8 @@ class Trainer:
             self.level_blocks = blocks[: blocks.shape[0] // layout.data_parallel * layout.data_parallel]
 
         seed_model_building(cfg.training.seed, layout)  # identical initial weights on every replica
-        if par.regime == "3d":
-            self.ds_config = None
-            self.engine = build_3d_engine(cfg, layout, info.device)
-        else:
-            model = stages.build_model(cfg)
-            if cfg.training.init_weights:
-                load_initial_weights(model, cfg.training.init_weights)
-            self.ds_config = build_ds_config(cfg, on_cuda=info.device.type == "cuda")
-            self.engine = create_engine(model, cfg, self.ds_config)
+        self.engine = build_engine(cfg, layout, info.device)
+        self.ds_config = self.engine.ds_config
         # From here on every replica draws its own noise (head samples, targets, dropout).
         seed_training(cfg.training.seed, layout)
         self.state = TrainState()
@@ -242,93 +223,27 @@ class Trainer:
         self.state.vectors += cfg.derived.global_batch_size * cfg.derived.steps_per_block
 
     def train_step(self, batches) -> dict[str, float]:
-        if self.cfg.parallel.regime == "3d":
-            return self._train_step_3d(batches)
-        cfg, engine, kind = self.cfg, self.engine, self.kind
-        accum = cfg.derived.gradient_accumulation_steps
-        losses, extras, data_time, done = [], {}, 0.0, 0
-        bad_losses = bad_steps = 0  # in a row: non-finite losses (micro-batches), non-finite gradients (steps)
-        while done < accum:
+        """One optimizer step: the engine's, fed from the loader; skipped micro-batches are
+        counted, and too many bad ones in a row stop the run."""
+        data_time = 0.0
+
+        def next_batch() -> torch.Tensor:
+            nonlocal data_time
             start = time.perf_counter()
             tokens = next(batches).to(self.info.device, non_blocking=True)
             data_time += time.perf_counter() - start
-            out = engine(kind.inputs(cfg, tokens))
-            if not _all_finite(out.loss.detach()):
-                # Skip the micro-batch on every rank: no backward, no step; the next batch takes
-                # its place, so the weights never see the non-finite values.
-                self.state.skipped_batches += 1
-                bad_losses += 1
-                self._count_bad_step(bad_losses)
-                continue
-            bad_losses = 0
-            engine.backward(out.loss)
-            engine.step()
-            losses.append(out.loss.item())
-            for key, value in kind.step_metrics(out).items():
-                extras[key] = extras.get(key, 0.0) + value / accum
-            done += 1
-            if done == accum and not engine.was_step_applied():
-                # Finite losses, non-finite gradients: DeepSpeed dropped the step on every rank (its
-                # global norm is not finite) and cleared the gradients; the next batches take its place.
-                self.state.skipped_batches += accum
-                bad_steps += 1
-                self._count_bad_step(bad_steps, "non-finite gradients")
-                losses, extras, done = [], {}, 0
-        self._finish_step()
-        grad_norm = engine.get_global_grad_norm()
-        # "lr": the largest of the per-module-group lrs (a delayed or scaled group may be group 0).
-        return {
-            "loss": sum(losses) / len(losses), **extras,
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "lr": max(engine.get_lr()), "data_ms": 1e3 * data_time,
-        }
+            return tokens
 
-    def _train_step_3d(self, batches) -> dict[str, float]:
-        """One step of the 3d regime: the pipeline schedule runs all micro-batches; a non-finite
-        loss on any replica skips the whole step on every rank (the next batches take its place)."""
-        cfg, bad_in_a_row, data_time = self.cfg, 0, 0.0
-        while True:
-            start = time.perf_counter()
-            micro_batches = [next(batches).to(self.info.device, non_blocking=True)
-                             for _ in range(cfg.derived.gradient_accumulation_steps)]
-            data_time += time.perf_counter() - start
-            report = self.engine.train_batch(micro_batches)
-            if report is not None:
-                break
-            self.state.skipped_batches += len(micro_batches)
-            bad_in_a_row += 1
-            self._count_bad_step(bad_in_a_row)
+        def on_skip(micro_batches: int, in_a_row: int, what: str) -> None:
+            self.state.skipped_batches += micro_batches
+            self._count_bad_step(in_a_row, what)
+
+        report = self.engine.train_step(next_batch, on_skip)
         self._finish_step()
-        extras = {key: report[field] for key, field in self.kind.logged_outputs}
-        return {"loss": report["loss"], **extras, "grad_norm": self.engine.get_global_grad_norm(),
-                "lr": max(self.engine.get_lr()), "data_ms": 1e3 * data_time}
+        return {**report, "data_ms": 1e3 * data_time}
 
     def _evaluate(self) -> dict[str, float]:
-        if self.cfg.parallel.regime != "3d":
-            return evaluate(self.engine.module, self.cfg, self.eval_blocks, self.info.device,
-                            rank=self.layout.dp_rank, world_size=self.layout.data_parallel,
-                            level_blocks_BT=self.level_blocks)
-        # The 3d regime reports the held-out loss (and CALM's unconditional level); BrierLM needs
-        # generation through the pipeline: convert the checkpoint and run calm-eval for it.
-        blocks = self.eval_blocks.to(self.info.device)
-        micro = list(blocks.split(self.cfg.training.micro_batch_size))
-        if len(micro) > 1 and micro[-1].shape[0] != micro[0].shape[0]:
-            micro = micro[:-1]  # the schedule sends fixed-shape activations
-        calm = self.kind is CALM_KIND  # its unconditional level feeds the collapse alarm
-        # Own seeded streams, the training ones put back (as evaluate() does in the zero3 regime).
-        with torch.random.fork_rng(devices=[self.info.device] if self.info.device.type == "cuda" else []):
-            seed_streams(self.cfg.training.seed, self.info.device)
-            values = [self.engine.evaluate_loss(micro)]
-            if calm:  # the same figure on every replica: the all-reduce mean below keeps it
-                values.append(self.engine.unconditional_energy(self.level_blocks.to(self.info.device)))
-        values = torch.tensor(values, dtype=torch.float64, device=self.info.device)
-        if self.layout.data_parallel > 1:
-            dist.all_reduce(values, group=ps.get_data_parallel_group())
-        values = (values / self.layout.data_parallel).tolist()
-        metrics = {"loss": values[0]}
-        if calm:
-            metrics.update(uncond=values[1], gap_pct=100 * (values[1] - values[0]) / values[1])
-        return metrics
+        return self.engine.evaluate(self.eval_blocks, self.level_blocks)
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self) -> TrainState:

@@ -25,7 +25,7 @@ def main(spec_path: str) -> None:
     from calm_dist.parallel.launch import init_distributed
     from calm_dist.parallel.state import current_layout, ensure_model_parallel, seed_model_building, seed_training
     from calm_dist.checkpoint.manager import CheckpointManager
-    from calm_dist.training.engine_3d import build_3d_engine
+    from calm_dist.engines.megatron_3d import build_3d_engine
     from calm_dist.training.trainer import TrainState, checkpoint_meta
 
     spec = json.loads(Path(spec_path).read_text())
@@ -73,7 +73,7 @@ def main(spec_path: str) -> None:
 def _reload(engine, manager, cfg, layout, info) -> dict:
     """A fresh engine loads the checkpoint just saved (same layout): are its weights and this
     rank's AdamW state (under ZeRO-1 its share) the saved engine's?"""
-    from calm_dist.training.engine_3d import build_3d_engine
+    from calm_dist.engines.megatron_3d import build_3d_engine
 
     again = build_3d_engine(cfg, layout, info.device)
     manager.load(again, manager.tags()[-1])

@@ -1,17 +1,19 @@
-"""The 3d regime's training engine: megatron-core tensor and pipeline parallelism, ZeRO-1 over
-data parallelism.
+"""The 3d regime's engine: megatron-core tensor and pipeline parallelism, ZeRO-1 over data
+parallelism.
 
-DeepSpeed's ZeRO-2/3 cannot be combined with pipeline parallelism, so this regime
-does without DeepSpeed: megatron's schedules run forward and backward of all micro-batches, the
-gradients are averaged over the data-parallel group, clipped by the norm of the whole model
-(summed over tensor and pipeline ranks, each replicated weight counted once), and stepped by
-AdamW, sharded over the data-parallel group (torch's ZeroRedundancyOptimizer: ZeRO stage 1) when
+DeepSpeed's ZeRO-2/3 cannot be combined with pipeline parallelism, so this regime does without
+DeepSpeed and uses megatron-core's own pieces: its schedules run forward and backward of all
+micro-batches (1F1B, interleaved with virtual stages); each model chunk is wrapped in megatron-core's
+`DistributedDataParallel` (gradients accumulate in its contiguous fp32 buffers) and
+`finalize_model_grads` averages them over the data-parallel group and sums the sequence-parallel
+ones over the tensor ranks; megatron-core's `get_grad_norm_fp32` takes the norm of the whole model
+(over tensor and pipeline ranks, each replicated weight counted once, by the `tensor_model_parallel`
+attribute megatron's layers set) and `clip_grad_by_total_norm_fp32` clips. AdamW steps, sharded
+over the data-parallel group (torch's ZeroRedundancyOptimizer: ZeRO stage 1) when
 `parallel.zero_stage` is 1.
 
-It offers what the trainer and the checkpoint manager use of a DeepSpeed engine: `module`,
-`save_checkpoint`, `load_checkpoint`, `checkpoint_engine`, `get_lr`, `get_global_grad_norm`.
-With `parallel.virtual_pipeline_stages` V > 1 a rank holds V model chunks and megatron's
-interleaved schedule runs them. Checkpoint files, in the checkpoint manager's `global_stepN/`:
+With `parallel.virtual_pipeline_stages` V > 1 a rank holds V model chunks. Checkpoint files, in the
+checkpoint manager's `global_stepN/`:
 
     mp_rank_{tp:02d}_{pp:03d}_model_states.pt      weights of one (tensor, pipeline) rank:
                                                    {"chunk0": state dict, "chunk1": ...}
@@ -22,6 +24,10 @@ interleaved schedule runs them. Checkpoint files, in the checkpoint manager's `g
 Moments are keyed like the weights (parameter name, stage-local layer numbers; under ZeRO-1 each
 data-parallel rank's file holds its share), so a checkpoint resumes under another TP/PP layout:
 calm_dist/checkpoint/reshard.py merges and re-cuts both with the project's sharding rules.
+(megatron-core's `dist_checkpointing` would do the re-cutting too, but it needs megatron's
+sharded-state-dict protocol on every module, including the energy head and the frozen
+autoencoder, and its optimizer side is megatron's DistributedOptimizer, not torch's; see
+docs/checkpoints.md.)
 """
 
 from __future__ import annotations
@@ -33,6 +39,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import clip_grads
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+from megatron.core.transformer.module import param_is_not_shared
 
 from calm_dist.checkpoint.reshard import (
     NAMED_MOMENTS,
@@ -51,10 +61,14 @@ from calm_dist.checkpoint.reshard import (
     shard_named,
 )
 from calm_dist.config.schema import JobConfig
+from calm_dist.engines.initial_weights import load_initial_weights
+from calm_dist.engines.model_build import build_model
+from calm_dist.engines.optimizer import build_optimizer
+from calm_dist.engines.protocol import NextBatch, OnSkip
+from calm_dist.evaluation.scorer import seed_streams
 from calm_dist.models.backbone import BackboneOptions
 from calm_dist.models.calm import unconditional_energy
-from calm_dist.models.kinds import model_kind
-from calm_dist.optim import param_groups
+from calm_dist.models.kinds import CALM_KIND, model_kind
 from calm_dist.parallel.pipeline import (
     PipelineStage,
     broadcast_from_last_stage,
@@ -62,12 +76,9 @@ from calm_dist.parallel.pipeline import (
     run_schedule,
     strip_to_stage,
 )
-from calm_dist.parallel.sharding import global_key, layer_offset, tensor_parallel_rule
+from calm_dist.parallel.sharding import global_key, layer_offset
 from calm_dist.parallel.state import ParallelLayout
 from calm_dist.parallel.vocab_parallel import parallelize_vocabulary
-from calm_dist.training.engine import lr_scheduler
-from calm_dist.training.initial_weights import load_initial_weights
-from calm_dist.training.stages import build_model
 
 logger = logging.getLogger(__name__)
 
@@ -80,70 +91,74 @@ def optim_file(layout: ParallelLayout) -> str:
     return optim_file_name(layout.tp_rank, layout.pp_rank, layout.dp_rank)
 
 
-class _SynchronousCheckpoints:
-    """What the checkpoint manager asks of DeepSpeed's checkpoint engine."""
-
-    @staticmethod
-    def is_decoupled() -> bool:
-        return False
-
-
 class ModelParallelEngine:
+    ds_config = None  # no DeepSpeed in this regime
+
     def __init__(self, chunks: list[PipelineStage], cfg: JobConfig, layout: ParallelLayout):
         self.chunks, self.cfg, self.layout = chunks, cfg, layout
+        self.kind = model_kind(cfg.training.stage)
         # The loss and the kind's logged outputs (CALM: fidelity, diversity, state cosine).
-        self.report_names = ("loss",) + tuple(field for _, field in model_kind(cfg.training.stage).logged_outputs)
+        self.report_fields = tuple(field for _, field in self.kind.logged_outputs)
+        self.report_names = ("loss",) + self.report_fields
         # What the trainer reads as "the model": the chunk's model, or all of them in order.
         self.module = chunks[0].model if len(chunks) == 1 else torch.nn.ModuleList(c.model for c in chunks)
-        self.checkpoint_engine = _SynchronousCheckpoints()
         self.dp_group = ps.get_data_parallel_group()
-        self.tp_group = ps.get_tensor_model_parallel_group()
         self.model_parallel_group = ps.get_model_parallel_group()
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.device = self.params[0].device  # collectives need tensors where the backend is (NCCL: GPU)
-        opt = cfg.optimizer
-        kwargs = dict(lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
-        groups = param_groups(self.module, cfg)  # this rank's chunks: the groups they hold
-        if cfg.parallel.zero_stage == 1 and layout.data_parallel > 1:
-            from torch.distributed.optim import ZeroRedundancyOptimizer  # lazy: ~0.8 s (TorchScript); ZeRO-1 only
-
-            self.optimizer = ZeroRedundancyOptimizer(
-                groups, optimizer_class=torch.optim.AdamW, process_group=self.dp_group, **kwargs
-            )
-            name = f"torch AdamW, ZeRO-1 over {layout.data_parallel} data-parallel ranks"
-        else:
-            self.optimizer = torch.optim.AdamW(groups, **kwargs)
-            name = "torch AdamW (not sharded)"
+        # megatron-core's data parallelism: gradients accumulate over the micro-batches into one
+        # contiguous fp32 buffer per chunk, reduced once per step by finalize_model_grads.
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                   use_distributed_optimizer=False)
+        self.replicas = [DistributedDataParallel(chunk.config, ddp_config, chunk) for chunk in chunks]
+        zero1 = self.dp_group if cfg.parallel.zero_stage == 1 and layout.data_parallel > 1 else None
         # ZeRO-1: the schedule sets the wrapper's param_groups, which it copies to its shard at each step.
-        self.scheduler = lr_scheduler(self.optimizer, cfg)
+        self.optimizer, self.scheduler = build_optimizer(self.module, cfg, zero1_group=zero1, fused=False)
         self.grad_norm: float | None = None
-        logger.info("3d engine: TP=%d PP=%d (x %d virtual) DP=%d, optimizer %s", layout.tensor_parallel,
-                    layout.pipeline_parallel, layout.virtual_stages, layout.data_parallel, name)
+        logger.info("3d engine: TP=%d PP=%d (x %d virtual) DP=%d, megatron-core DDP%s", layout.tensor_parallel,
+                    layout.pipeline_parallel, layout.virtual_stages, layout.data_parallel,
+                    ", ZeRO-1 optimizer" if zero1 is not None else "")
 
     # -- one optimizer step ------------------------------------------------------------------
+    def train_step(self, next_batch: NextBatch, on_skip: OnSkip) -> dict[str, float]:
+        """One step of the 3d regime: the pipeline schedule runs all micro-batches; a non-finite
+        loss or gradient norm on any replica skips the whole step on every rank (the next batches
+        take its place)."""
+        accum, in_a_row = self.cfg.derived.gradient_accumulation_steps, 0
+        while (report := self.train_batch([next_batch() for _ in range(accum)])) is None:
+            in_a_row += 1
+            on_skip(accum, in_a_row, "non-finite loss or gradients")
+        extras = {key: report[field] for key, field in self.kind.logged_outputs}
+        return {"loss": report["loss"], **extras, "grad_norm": self.grad_norm, "lr": max(self.get_lr())}
+
     def train_batch(self, micro_batches: list[torch.Tensor]) -> dict[str, float] | None:
         """Forward, backward and (unless a loss or the gradient norm is non-finite) an optimizer
         step over the micro-batches of one step. Returns the mean reports, or None when the step
         was skipped on every rank (no weight changed)."""
         for chunk in self.chunks:
             chunk.train()
-        for param in self.params:
-            param.grad = None
-        reports = run_schedule(self.chunks, micro_batches)
+        self._zero_grads()
+        reports = run_schedule(self.replicas, micro_batches, report_fields=self.report_fields)
         summary = self._summarise(reports, len(micro_batches))
         if not bool(torch.isfinite(summary).all()):
-            for param in self.params:
-                param.grad = None
+            self._zero_grads()
             return None
-        self._average_data_parallel_grads()
+        finalize_model_grads(self.replicas)
+        for param in self.params:  # what the optimizer reads: the reduced buffer
+            param.grad = param.main_grad
         self.grad_norm = self._clip_grads(self.cfg.optimizer.grad_clip)
         if not math.isfinite(self.grad_norm):  # the same on every rank: the norm is global
-            for param in self.params:
-                param.grad = None
+            self._zero_grads()
             return None
         self.optimizer.step()
         self.scheduler.step()
         return dict(zip(self.report_names, summary.tolist()))
+
+    def _zero_grads(self) -> None:
+        for param in self.params:
+            param.grad = None
+        for replica in self.replicas:
+            replica.zero_grad_buffer()
 
     def _summarise(self, reports: list[dict], count: int) -> torch.Tensor:
         """Mean loss (and CALM's fidelity, diversity) over the micro-batches of every replica, on
@@ -158,39 +173,13 @@ class ModelParallelEngine:
             values /= self.layout.data_parallel
         return values
 
-    def _average_data_parallel_grads(self) -> None:
-        """Mean gradient over the data-parallel replicas, in one flat all-reduce; under sequence
-        parallelism also the sum over tensor ranks of the weights each rank saw a slice of."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if self.layout.data_parallel > 1:
-            for bucket in _buckets(grads, _BUCKET_ELEMENTS):  # few collectives, bounded extra memory
-                flat = torch._utils._flatten_dense_tensors(bucket)
-                dist.all_reduce(flat, group=self.dp_group)
-                flat /= self.layout.data_parallel
-                for grad, synced in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket)):
-                    grad.copy_(synced)
-        if self.cfg.parallel.sequence_parallel:
-            for param in self.params:
-                if getattr(param, "sequence_parallel", False) and param.grad is not None:
-                    dist.all_reduce(param.grad, group=self.tp_group)
-
     def _clip_grads(self, max_norm: float) -> float:
-        """The global gradient norm (whole model, counted once) and clipping to max_norm."""
-        square = torch.zeros(1, dtype=torch.float64, device=self.device)
-        named = [item for chunk in self.chunks for item in chunk.model.named_parameters()]
-        for name, param in named:
-            if param.grad is None:
-                continue
-            sharded = tensor_parallel_rule(name) is not None
-            if sharded or self.layout.tp_rank == 0:  # a replicated weight counts once
-                square += param.grad.detach().double().pow(2).sum()
-        dist.all_reduce(square, group=self.model_parallel_group)
-        norm = float(square.sqrt())
-        if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
-            scale = max_norm / (norm + 1e-6)
-            for param in self.params:
-                if param.grad is not None:
-                    param.grad.mul_(scale)
+        """The global gradient norm (whole model, each weight counted once) and clipping to
+        max_norm, by megatron-core."""
+        counted = [p.grad for p in self.params if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)]
+        norm = float(clip_grads.get_grad_norm_fp32(counted, grad_stats_parallel_group=self.model_parallel_group))
+        if max_norm > 0 and math.isfinite(norm):
+            clip_grads.clip_grad_by_total_norm_fp32(self.params, max_norm, norm)
         return norm
 
     # -- evaluation ----------------------------------------------------------------------------
@@ -200,7 +189,7 @@ class ModelParallelEngine:
         for chunk in self.chunks:
             chunk.eval()
         try:
-            reports = run_schedule(self.chunks, micro_batches, forward_only=True)
+            reports = run_schedule(self.replicas, micro_batches, forward_only=True)
         finally:
             for chunk in self.chunks:
                 chunk.train()
@@ -216,6 +205,28 @@ class ModelParallelEngine:
         if self.layout.last_stage:
             value[0] = unconditional_energy(self.chunks[-1].model, blocks_BT)
         return float(broadcast_from_last_stage(value, self.layout)[0])
+
+    def evaluate(self, blocks_BT: torch.Tensor, level_blocks_BT: torch.Tensor | None) -> dict[str, float]:
+        """The held-out loss (and CALM's unconditional level); BrierLM needs generation through
+        the pipeline: convert the checkpoint and run calm-eval for it."""
+        micro = list(blocks_BT.to(self.device).split(self.cfg.training.micro_batch_size))
+        if len(micro) > 1 and micro[-1].shape[0] != micro[0].shape[0]:
+            micro = micro[:-1]  # the schedule sends fixed-shape activations
+        calm = self.kind is CALM_KIND  # its unconditional level feeds the collapse alarm
+        # Own seeded streams, the training ones put back (as the zero3 evaluation does).
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            seed_streams(self.cfg.training.seed, self.device)
+            values = [self.evaluate_loss(micro)]
+            if calm:  # the same figure on every replica: the all-reduce mean below keeps it
+                values.append(self.unconditional_energy(level_blocks_BT.to(self.device)))
+        values = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.layout.data_parallel > 1:
+            dist.all_reduce(values, group=self.dp_group)
+        values = (values / self.layout.data_parallel).tolist()
+        metrics = {"loss": values[0]}
+        if calm:
+            metrics.update(uncond=values[1], gap_pct=100 * (values[1] - values[0]) / values[1])
+        return metrics
 
     # -- what the trainer reads ---------------------------------------------------------------
     def get_lr(self) -> list[float]:
@@ -360,23 +371,6 @@ def _union_over_ranks(*name_sets: set[str]) -> tuple[set[str], ...]:
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, name_sets)
     return tuple(set().union(*(ranks[i] for ranks in gathered)) for i in range(len(name_sets)))
-
-
-_BUCKET_ELEMENTS = 64 * 1024 * 1024  # 256 MB of fp32 gradients per all-reduce
-
-
-def _buckets(tensors: list[torch.Tensor], max_elements: int) -> list[list[torch.Tensor]]:
-    """Consecutive groups of at most max_elements (a larger tensor forms its own group)."""
-    groups, current, size = [], [], 0
-    for tensor in tensors:
-        if current and size + tensor.numel() > max_elements:
-            groups.append(current)
-            current, size = [], 0
-        current.append(tensor)
-        size += tensor.numel()
-    if current:
-        groups.append(current)
-    return groups
 
 
 def _load(path: Path) -> dict:

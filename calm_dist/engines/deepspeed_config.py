@@ -1,4 +1,4 @@
-"""DeepSpeed engine construction: the merged DeepSpeed config, the optimizer and the LR schedule.
+"""The merged DeepSpeed config of a `zero3` run: a ZeRO preset plus what our config decides.
 
 The `ds_configs/*.json` presets (package data in calm_dist/ds_configs/; `ds_configs` at the
 repository root links there) hold the ZeRO settings only; the batch fields, clipping and precision
@@ -9,18 +9,10 @@ are sized from the model's hidden size.
 from __future__ import annotations
 
 import json
-import logging
-import math
 from pathlib import Path
-
-import torch
 
 from calm_dist.config import rules
 from calm_dist.config.schema import JobConfig
-from calm_dist.optim import param_groups
-from calm_dist.parallel.zero3 import register_tied_weights
-
-logger = logging.getLogger(__name__)
 
 # Inside the package, so that a regular (non-editable) install ships the presets too.
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
@@ -104,69 +96,3 @@ def build_ds_config(cfg: JobConfig, on_cuda: bool) -> dict:
         zero.pop("offload_optimizer", None)
         zero.pop("offload_param", None)
     return ds
-
-
-def lr_lambda(cfg: JobConfig, delay_steps: int = 0):
-    """Linear warmup to optimizer.lr, then constant or cosine decay to optimizer.min_lr.
-
-    With a delay D the factor is 0 for the first D steps; then the same schedule runs over the
-    remaining train_steps - D steps (warmup from step D, a cosine still reaching min_lr at the end).
-    """
-    opt, total = cfg.optimizer, max(1, cfg.training.train_steps - delay_steps)
-
-    def factor(step: int) -> float:
-        if step < delay_steps:
-            return 0.0
-        step -= delay_steps
-        if opt.warmup_steps and step < opt.warmup_steps:
-            return (step + 1) / opt.warmup_steps
-        if opt.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - opt.warmup_steps) / max(1, total - opt.warmup_steps))
-        floor = opt.min_lr / opt.lr
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def lr_scheduler(optimizer: torch.optim.Optimizer, cfg: JobConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """One schedule per parameter group (each scales its own lr), so that a module group can have
-    its `optimizer.lr_delay_steps`. During a delay AdamW still steps the group with lr 0, which
-    AdamW (torch's; apex's FusedAdam in AdamW mode) turns into neither update nor decay: both are
-    multiplied by lr, so the weights stay bit-identical. Its moments keep averaging the group's
-    gradients, which is harmless, even useful: the group starts with warm, bias-corrected moments
-    instead of a cold start. Its gradients still count in the global clipping norm."""
-    delays = cfg.optimizer.lr_delay_steps
-    lambdas = [lr_lambda(cfg, delays.get(group["module_group"], 0)) for group in optimizer.param_groups]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
-
-
-def build_optimizer(model: torch.nn.Module, cfg: JobConfig):
-    """torch AdamW (or apex FusedAdam when installed and on CUDA) and its LR schedule."""
-    opt = cfg.optimizer
-    groups = param_groups(model, cfg)
-    kwargs = dict(lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
-    optimizer, name = None, "torch AdamW"
-    if torch.cuda.is_available():
-        try:
-            from apex.optimizers import FusedAdam  # lazy: optional (NVIDIA apex, see requirements-gpu.txt)
-
-            optimizer, name = FusedAdam(groups, adam_w_mode=True, **kwargs), "apex FusedAdam (AdamW mode)"
-        except ImportError:
-            pass
-    if optimizer is None:
-        optimizer = torch.optim.AdamW(groups, **kwargs)
-    logger.info("optimizer: %s", name)
-    return optimizer, lr_scheduler(optimizer, cfg)
-
-
-def create_engine(model: torch.nn.Module, cfg: JobConfig, ds_config: dict):
-    import deepspeed  # lazy: after init_distributed's DS_ACCELERATOR; calm-train imports this module to validate
-
-    optimizer, scheduler = build_optimizer(model, cfg)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
-    )
-    if ds_config["zero_optimization"]["stage"] == 3:
-        register_tied_weights(engine.module)
-    return engine
