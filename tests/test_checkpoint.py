@@ -265,3 +265,42 @@ def test_verification_falls_back_sets_aside_and_never_restarts_a_run_from_nothin
     with pytest.raises(CheckpointDamaged, match="holds only damaged checkpoints"):
         CheckpointManager(save_dir, keep_last=3, rank=0, world_size=1).resolve_verified()
     assert sorted(p.name for p in save_dir.iterdir()) == ["global_step2.damaged", "global_step4.damaged", "latest"]
+
+
+def test_pieces_get_their_saved_state_back_and_a_missing_one_is_named():
+    from calm_dist.checkpoint.stateful import Recorded, restore, states_of
+
+    class Position:
+        def __init__(self, at: int):
+            self.at = at
+
+        def state_dict(self) -> dict:
+            return {"at": self.at}
+
+        def load_state_dict(self, state: dict) -> None:
+            self.at = state["at"]
+
+    saved = states_of({"data": Position(7), "params_local": Recorded(lambda: 123)})
+    assert saved == {"data": {"at": 7}, "params_local": 123}
+    fresh = Position(0)
+    restore({"data": fresh, "params_local": Recorded(lambda: 0)}, saved, "rank_00000.pt")
+    assert fresh.at == 7
+    with pytest.raises(KeyError, match=r"rank_00000.pt holds no saved state for \['rng'\]"):
+        restore({"data": Position(0), "rng": Position(0)}, saved, "rank_00000.pt")
+
+
+def test_the_saved_layout_follows_from_the_config_and_older_checkpoints_read_the_same():
+    from calm_dist.checkpoint.saved_layout import layout_of
+    from calm_dist.config import config_to_dict, load_config, validate
+
+    cfg = validate(load_config("tiny_calm", ["parallel.regime=3d", "parallel.tensor_parallel=2",
+                                             "parallel.pipeline_parallel=2", "parallel.zero_stage=1"]), world_size=8)
+    meta = {"config": config_to_dict(cfg), "world_size": 8}
+    expected = {"world_size": 8, "regime": "3d", "tensor_parallel": 2, "pipeline_parallel": 2, "virtual_stages": 1,
+                "data_parallel": 2, "zero_stage": 1}
+    assert layout_of(meta) == expected
+    # What checkpoints written before this version stored beside the config.
+    stored = {k: v for k, v in expected.items() if k != "virtual_stages"}
+    assert layout_of({**meta, "layout": stored}) == expected
+    zero3 = validate(load_config("tiny_calm", []), world_size=2)
+    assert layout_of({"config": config_to_dict(zero3), "world_size": 2})["data_parallel"] == 2

@@ -287,7 +287,7 @@ def test_resumed_optimizer_state_loads_into_the_same_groups_and_meta_records_the
     resumed = torch.optim.AdamW(param_groups(model, other), lr=cfg.optimizer.lr)
     resumed.load_state_dict(saved.state_dict())
     assert [g["name"] for g in resumed.param_groups] == [g["name"] for g in saved.param_groups]
-    meta = json.loads(json.dumps(checkpoint_meta(cfg, TrainState(), 1, None)))
+    meta = json.loads(json.dumps(checkpoint_meta(cfg, TrainState(), None)))
     assert meta["config"]["optimizer"]["lr_multipliers"] == {"backbone": 0.1}
     assert meta["config"]["optimizer"]["lr_delay_steps"] == {"head": 5}
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from calm_dist.checkpoint.reshard import LayoutChangeError, SavedLayout, continued_rank_state, read_merged, source_rank
+from calm_dist.checkpoint.saved_layout import layout_of
 from calm_dist.config import load_config, validate
 from calm_dist.models.autoencoder import Autoencoder
 from calm_dist.models.autoencoder_io import save_autoencoder
@@ -295,7 +296,8 @@ def test_trainer_resumes_a_tp2_pp2_run_exactly(tmp_path, trainer_run):
     assert all(resumed[s] == reference[s] for s in (1, 2, 3, 4)), (resumed, reference)
 
     meta = json.loads((straight / "checkpoints" / "global_step4" / "meta.json").read_text())
-    assert meta["layout"]["regime"] == "3d" and meta["layout"]["tensor_parallel"] == 2
+    assert layout_of(meta)["regime"] == "3d" and layout_of(meta)["tensor_parallel"] == 2
+    assert "layout" not in meta  # derived from the config, not stored twice
     records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [2, 4] and all(0 < r["loss"] < 1e3 for r in evals)
@@ -361,7 +363,7 @@ def test_a_tp1_pp2_checkpoint_resumes_at_tp2_pp2_with_the_uninterrupted_losses(t
     from tests.train_utils import train
 
     checkpoint = resumed_at_tp1[0] / "checkpoints" / "global_step2"
-    assert json.loads((checkpoint / "meta.json").read_text())["layout"]["tensor_parallel"] == 1
+    assert layout_of(json.loads((checkpoint / "meta.json").read_text()))["tensor_parallel"] == 1
     _new_run_from(checkpoint, tmp_path / "resumed_tp2")
     proc = train(trainer_run["data"], "tiny_calm", tmp_path / "resumed_tp2", "training.train_steps=4",
                  *trainer_run["common"], "parallel.tensor_parallel=2", nproc=4)

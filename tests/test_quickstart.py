@@ -1,4 +1,5 @@
-"""The README's first command, with reduced step counts: every stage runs and leaves its outputs.
+"""The README's first command at its smoke scale (`--steps-scale 0.1`, as the README gives it):
+every stage runs and leaves its outputs.
 
 It runs from a regular (non-editable) install in a fresh venv, started outside the repository, so
 it also proves that the installed package carries everything the quickstart reads (presets,
@@ -27,7 +28,7 @@ def test_quickstart_runs_end_to_end_from_a_regular_install_and_writes_its_output
     assert Path(where).is_relative_to(tmp_path / "install" / "venv") and not Path(where).is_relative_to(REPO_ROOT)
 
     out = tmp_path / "quickstart"
-    proc = subprocess.run([str(python), "-m", "calm_dist.quickstart", "--out", str(out), "--steps-scale", "0.05"],
+    proc = subprocess.run([str(python), "-m", "calm_dist.quickstart", "--out", str(out), "--steps-scale", "0.1"],
                           capture_output=True, text=True, env=env, cwd=work, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for stage in range(1, 7):

@@ -152,7 +152,7 @@ def test_train_srun_per_gpu_job_completes(cluster, data, tmp_path):
     text = log.read_text()
     assert job(cluster, jid)["JobState"] == "COMPLETED", text[-4000:]
     assert "2 rank(s)" in text and latest_step(run) == 2
-    assert json.loads((run / "checkpoints" / "global_step2" / "meta.json").read_text())["layout"]["world_size"] == 2
+    assert json.loads((run / "checkpoints" / "global_step2" / "meta.json").read_text())["world_size"] == 2
 
 
 def test_pre_end_signal_saves_requeues_and_resumes(cluster, data, tmp_path):

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from calm_dist.checkpoint.saved_layout import layout_of
 from calm_dist.training.golden import run_losses as losses
 from tests.dist_utils import REPO_ROOT, free_port
 from tests.train_utils import TINY, child_env, prepared_corpus_overrides, train, train_command
@@ -47,7 +48,7 @@ def test_autoencoder_stage_on_two_ranks_partitions_and_exports(autoencoder):
     for state in states:  # ZeRO-3: each rank holds about half of the parameters
         assert abs(state["params_local"] / total - 0.5) < 0.01, (state["params_local"], total)
     meta = json.loads((ckpt / "global_step6" / "meta.json").read_text())
-    assert meta["layout"]["world_size"] == 2 and meta["layout"]["zero_stage"] == 3
+    assert layout_of(meta)["world_size"] == 2 and layout_of(meta)["zero_stage"] == 3
     assert meta["train_state"]["tokens"] == 6 * 8 * 64  # global batch 2 ranks x 4, 64 tokens each
     evals = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
     assert evals and 0.0 <= evals[-1]["recon_acc"] <= 1.0
@@ -211,7 +212,7 @@ def test_the_deepspeed_launcher_works_too(data, tmp_path):
     proc = subprocess.run([str(launcher), *args[1:]], capture_output=True, text=True, env=child_env(), timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     meta = json.loads((out / "checkpoints" / "global_step2" / "meta.json").read_text())
-    assert meta["layout"]["world_size"] == 2
+    assert layout_of(meta)["world_size"] == 2
 
 
 def test_single_process_resume_is_bit_exact(data, tmp_path):

@@ -41,7 +41,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -60,6 +60,7 @@ from calm_dist.checkpoint.integrity import (
     write_manifest,
 )
 from calm_dist.checkpoint.reshard import LayoutChangeError, SavedLayout, continued_rank_state, source_rank
+from calm_dist.checkpoint.stateful import Stateful, restore, states_of
 from calm_dist.parallel.state import ParallelLayout
 
 logger = logging.getLogger(__name__)
@@ -240,17 +241,19 @@ class CheckpointManager:
 
     # ---- saving --------------------------------------------------------------------------------
 
-    def save(self, engine, step: int, meta: dict, rank_state: dict) -> str:
+    def save(self, engine, step: int, meta: dict, pieces: Mapping[str, Stateful]) -> str:
         """Write checkpoint `global_step{step}` atomically; a collective (every rank calls it).
 
-        `meta` must be JSON-serialisable (rank 0's copy is written); `rank_state` holds tensors and
-        plain containers only (read back with `weights_only=True`). Returns the checkpoint's path.
+        `meta` must be JSON-serialisable (rank 0's copy is written); the `pieces`' state dicts
+        (this rank's file) hold tensors and plain containers only (read back with
+        `weights_only=True`). Returns the checkpoint's path.
         Raises NonFiniteState (nothing written) when weights or optimizer states are not finite,
         CheckpointSaveError when the files cannot be written (the partial save removed).
         """
         started = time.perf_counter()
         tag = tag_for(step)
         partial = self.save_dir / (tag + PARTIAL)
+        rank_state = states_of(pieces)
         self._check_finite(engine, step)
         self._check_room(tag)
         if self.rank == 0:
@@ -382,8 +385,10 @@ class CheckpointManager:
 
     # ---- loading -------------------------------------------------------------------------------
 
-    def load(self, engine, tag: str, load_optimizer: bool = True) -> tuple[dict, dict]:
-        """Load `tag` into a freshly built engine; returns (meta, this rank's rank_state).
+    def load(self, engine, tag: str, load_optimizer: bool = True, *,
+             pieces: Mapping[str, Stateful] | None = None) -> tuple[dict, dict]:
+        """Load `tag` into a freshly built engine and its state into each of `pieces`; returns
+        (meta, this rank's saved states by piece name).
 
         A collective. `load_optimizer=False` loads the weights only (no optimizer or LR-schedule
         state). Under ZeRO-3 a DeepSpeed engine cannot load right after it saved: build a new one.
@@ -409,6 +414,7 @@ class CheckpointManager:
                                     f"({type(exc).__name__}: {exc}): the checkpoint is damaged") from exc
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load {path} (see its log above)")
+        restore(pieces or {}, rank_state, str(path / rank_file(source)))
         if self.rank == 0:
             logger.info("loaded checkpoint %s (optimizer state: %s)", path, "yes" if load_optimizer else "no")
         return meta, rank_state

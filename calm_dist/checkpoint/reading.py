@@ -22,6 +22,7 @@ from calm_dist.config import config_from_dict, validate
 from calm_dist.config.schema import JobConfig
 from calm_dist.checkpoint.integrity import CheckpointDamaged, verify_checkpoint
 from calm_dist.checkpoint.manager import LATEST, META, consolidate_fp32
+from calm_dist.checkpoint.saved_layout import layout_of
 from calm_dist.parallel.sharding import merge_state_dicts
 
 _TAG = re.compile(r"^global_step(\d+)$")
@@ -123,11 +124,11 @@ def check_finite(name: str, tensor: torch.Tensor, ref: CheckpointRef) -> None:
 
 def is_model_parallel(ref: CheckpointRef) -> bool:
     """Written by the 3d regime (megatron TP/PP shards) rather than by DeepSpeed ZeRO."""
-    return ref.meta().get("layout", {}).get("regime") == "3d"
+    return layout_of(ref.meta())["regime"] == "3d"
 
 
 def _model_parallel_files(ref: CheckpointRef) -> dict[tuple[int, int], Path]:
-    layout = ref.meta()["layout"]
+    layout = layout_of(ref.meta())
     tp, pp = layout["tensor_parallel"], layout["pipeline_parallel"]
     files = {(t, p): ref.path / f"mp_rank_{t:02d}_{p:03d}_model_states.pt" for t in range(tp) for p in range(pp)}
     missing = [path.name for path in files.values() if not path.is_file()]
@@ -142,16 +143,16 @@ def check_shards(ref: CheckpointRef) -> None:
     errors name neither the file nor the cause)."""
     verify_manifest(ref, full=False)  # sizes: cheap; convert and verify also check the checksums
     meta = ref.meta()
-    layout = meta.get("layout", {})
+    layout = layout_of(meta)
     if is_model_parallel(ref):
         for path in _model_parallel_files(ref).values():
             _check_zip(path)
         return
-    tp, pp = layout.get("tensor_parallel", 1), layout.get("pipeline_parallel", 1)
+    tp, pp = layout["tensor_parallel"], layout["pipeline_parallel"]
     if tp * pp != 1:
         raise ConversionError(f"{ref.path} says TP={tp}, PP={pp} without the 3d regime: not a checkpoint "
                               "this version wrote")
-    stage, ranks = layout.get("zero_stage", 3), meta.get("world_size")
+    stage, ranks = layout["zero_stage"], meta.get("world_size")
     if stage < 1:
         raise ConversionError(f"{ref.path} was written without ZeRO (zero_stage 0): DeepSpeed's consolidation "
                               "reads ZeRO stages 1-3 only")

@@ -23,6 +23,7 @@ from typing import Mapping
 import torch
 
 from calm_dist.checkpoint.integrity import META
+from calm_dist.checkpoint.saved_layout import layout_of
 from calm_dist.parallel.sharding import global_key, layer_offset, merge_state_dicts, shard_state_dict
 from calm_dist.parallel.state import ParallelLayout
 
@@ -66,14 +67,12 @@ class SavedLayout:
 
     @classmethod
     def from_meta(cls, meta: dict) -> SavedLayout | None:
-        layout = meta.get("layout", {})
-        if layout.get("regime") != "3d":
+        layout = layout_of(meta)
+        if layout["regime"] != "3d":
             return None
-        config = meta.get("config", {})
         return cls(tensor_parallel=layout["tensor_parallel"], pipeline_parallel=layout["pipeline_parallel"],
-                   virtual_stages=config.get("parallel", {}).get("virtual_pipeline_stages", 1),
-                   data_parallel=layout["data_parallel"], zero_stage=layout.get("zero_stage", 0),
-                   num_layers=config["model"]["num_layers"])
+                   virtual_stages=layout["virtual_stages"], data_parallel=layout["data_parallel"],
+                   zero_stage=layout["zero_stage"], num_layers=meta["config"]["model"]["num_layers"])
 
     def same_as(self, layout: ParallelLayout) -> bool:
         return (self.tensor_parallel, self.pipeline_parallel, self.virtual_stages, self.data_parallel) == (

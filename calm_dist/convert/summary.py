@@ -24,6 +24,7 @@ from calm_dist.checkpoint.hf_config import (
     read_hf_config,
 )
 from calm_dist.checkpoint.reading import ConversionError, lazy_state_dict, resolve_checkpoint, single_process_config
+from calm_dist.checkpoint.saved_layout import layout_of
 from calm_dist.config import flatten_config
 from calm_dist.models.kinds import model_kind
 from calm_dist.weights_file import open_safetensors
@@ -68,7 +69,7 @@ def _open_checkpoint(path: Path, tag: str | None) -> _Opened:
     lazy = lazy_state_dict(ref)
     shapes = {name: (list(t.shape), _DTYPE_NAMES.get(t.dtype, str(t.dtype))) for name, t in lazy.items()}
     summary = {k: v for k, v in build_hf_config(cfg, {}, "float32", {}, None).items() if k not in _NOT_SUMMARY}
-    extra = {"layout": meta.get("layout"), "train_state": meta.get("train_state"), "code_version": meta.get("code_version")}
+    extra = {"layout": layout_of(meta), "train_state": meta.get("train_state"), "code_version": meta.get("code_version")}
     return _Opened(ref.path, "checkpoint", cfg.training.stage, meta.get("step"), ref.tag, meta["config"], summary,
                    shapes, lambda name: lazy[name].contiguous().float(), extra)
 

@@ -99,3 +99,13 @@ def _restore_megatron_tracker(saved: dict[str, torch.Tensor]) -> None:
         else:
             states[name] = generator_state.clone()
     tracker.set_states(states)
+
+
+class RngStreams:
+    """Every RNG stream of this process as a checkpoint piece (`calm_dist.checkpoint.stateful`)."""
+
+    def state_dict(self) -> dict:
+        return capture_rng_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        restore_rng_state(state)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from calm_dist import __version__
 from calm_dist.checkpoint.integrity import NonFiniteState
 from calm_dist.checkpoint.manager import CheckpointManager, check_compatible, consolidate_fp32
+from calm_dist.checkpoint.stateful import Recorded, Stateful
 from calm_dist.config import config_to_dict, rules, save_config
 from calm_dist.config.schema import JobConfig
 from calm_dist.data.index import check_tokenizer, id_mismatches, load_index
@@ -36,7 +37,7 @@ from calm_dist.parallel.launch import DistInfo
 from calm_dist.parallel.state import current_layout, ensure_model_parallel, seed_model_building, seed_training
 from calm_dist.training.collapse_alarm import CollapseAlarm
 from calm_dist.training.metrics import MetricsLogger
-from calm_dist.training.rng import capture_rng_state, restore_rng_state
+from calm_dist.training.rng import RngStreams
 from calm_dist.training.signals import StopRequest
 from calm_dist.training.telemetry import GpuTelemetry, memory_stats
 
@@ -102,16 +103,13 @@ def check_shard_files(cfg: JobConfig, rank: int, world_size: int) -> None:
                                 "damaged training shards")
 
 
-def checkpoint_meta(cfg: JobConfig, state: TrainState, world_size: int, ds_config: dict | None) -> dict:
-    """What every checkpoint's meta.json holds besides the step: the config, the counters, the
-    parallel layout (the converter reads it to merge shards) and the code version."""
+def checkpoint_meta(cfg: JobConfig, state: TrainState, ds_config: dict | None) -> dict:
+    """What every checkpoint's meta.json holds besides the step and the world size (the manager
+    adds them): the config (its parallel section and the world size give the layout the converter
+    and resharding read: `checkpoint.saved_layout.layout_of`), the counters and the code version."""
     return {
         "config": config_to_dict(cfg),
         "train_state": asdict(state),
-        "layout": {"world_size": world_size, "regime": cfg.parallel.regime,
-                   "tensor_parallel": cfg.parallel.tensor_parallel,
-                   "pipeline_parallel": cfg.parallel.pipeline_parallel,
-                   "data_parallel": cfg.derived.data_parallel_size, "zero_stage": cfg.parallel.zero_stage},
         "ds_config": ds_config,
         "code_version": __version__,
     }
@@ -187,24 +185,33 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _meta(self) -> dict:
-        return checkpoint_meta(self.cfg, self.state, self.info.world_size, self.ds_config)
+        return checkpoint_meta(self.cfg, self.state, self.ds_config)
+
+    def _pieces(self) -> dict[str, Stateful]:
+        """What each rank's checkpoint file holds besides the engine's files (the model, the
+        optimizer and the LR schedule); the train state is in meta.json."""
+        params = list(self.engine.module.parameters())
+        return {
+            "data": self.loader,
+            "rng": RngStreams(),
+            # How much of the model this rank holds (under ZeRO-3 about 1/world): for the record.
+            "params_local": Recorded(lambda: sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+                                                 for p in params)),
+            "params_total": Recorded(lambda: sum(getattr(p, "ds_numel", p.numel()) for p in params)),
+        }
 
     def save(self) -> str:
-        # params_local: how much of the model this rank holds (under ZeRO-3 about 1/world).
-        params = list(self.engine.module.parameters())
-        params_local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
-        rank_state = {"data": self.loader.state_dict(), "rng": capture_rng_state(), "params_local": params_local,
-                      "params_total": sum(getattr(p, "ds_numel", p.numel()) for p in params)}
-        tag = self.checkpoints.save(self.engine, self.state.step, self._meta(), rank_state)
+        tag = self.checkpoints.save(self.engine, self.state.step, self._meta(), self._pieces())
         logger.info("saved checkpoint %s", tag)
         return tag
 
     def _resume(self, tag: str) -> None:
-        meta, rank_state = self.checkpoints.load(self.engine, tag, load_optimizer=self.cfg.training.load_optimizer)
+        pieces = self._pieces()
+        if not self.cfg.training.load_rng:
+            del pieces["rng"]
+        meta, _ = self.checkpoints.load(self.engine, tag, load_optimizer=self.cfg.training.load_optimizer,
+                                        pieces=pieces)
         self.state = TrainState(**meta["train_state"])
-        self.loader.load_state_dict(rank_state["data"])
-        if self.cfg.training.load_rng:
-            restore_rng_state(rank_state["rng"])
         logger.info("resumed from %s at step %d", tag, self.state.step)
 
     # -- one optimizer step ----------------------------------------------------------------------

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from calm_dist.parallel.launch import init_distributed
 from calm_dist.checkpoint.manager import CheckpointManager, consolidate_fp32
-from calm_dist.training.rng import capture_rng_state, restore_rng_state
+from calm_dist.checkpoint.stateful import Recorded
+from calm_dist.training.rng import RngStreams
 from calm_dist.training.signals import StopRequest
 
 VOCAB, HIDDEN, BATCH, SEQ = 64, 128, 4, 16
@@ -98,7 +99,8 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def save(manager: CheckpointManager, engine, step: int) -> str:
-    return manager.save(engine, step, {"config": RUN_CONFIG}, {"rng": capture_rng_state(), "next_step": step + 1})
+    return manager.save(engine, step, {"config": RUN_CONFIG},
+                        {"rng": RngStreams(), "next_step": Recorded(lambda: step + 1)})
 
 
 def phase_train(save_dir: str, rank: int, world: int, out: dict) -> None:
@@ -137,9 +139,8 @@ def phase_resume(save_dir: str, rank: int, world: int, out: dict) -> None:
 
     # Exact resume: new engine with another seed, load, restore RNG, continue.
     resumed = build_engine(seed=1)
-    meta, rank_state = manager.load(resumed, tag)
+    meta, rank_state = manager.load(resumed, tag, pieces={"rng": RngStreams()})
     out["meta_step"], out["meta_world_size"], out["meta_config"] = meta["step"], meta["world_size"], meta["config"]
-    restore_rng_state(rank_state["rng"])
     out["resumed_losses"] = {s: train_step(resumed, s, rank) for s in range(rank_state["next_step"], LAST_STEP + 1)}
 
     # The same without restoring RNG: the noise and dropout differ.

@@ -25,6 +25,7 @@ def main(spec_path: str) -> None:
     from calm_dist.parallel.launch import init_distributed
     from calm_dist.parallel.state import current_layout, ensure_model_parallel, seed_model_building, seed_training
     from calm_dist.checkpoint.manager import CheckpointManager
+    from calm_dist.checkpoint.stateful import Recorded
     from calm_dist.engines.megatron_3d import build_3d_engine
     from calm_dist.training.trainer import TrainState, checkpoint_meta
 
@@ -65,7 +66,8 @@ def main(spec_path: str) -> None:
 
     state = TrainState(step=tokens.shape[0])
     manager = CheckpointManager(out / "checkpoints", keep_last=0, rank=info.rank, world_size=info.world_size)
-    manager.save(engine, state.step, checkpoint_meta(cfg, state, info.world_size, None), {"rank": info.rank})
+    manager.save(engine, state.step, checkpoint_meta(cfg, state, None),
+                 {"rank": Recorded(lambda: info.rank)})
     if spec.get("reload"):
         torch.save(_reload(engine, manager, cfg, layout, info), out / f"reload_{info.rank}.pt")
 
