@@ -163,6 +163,7 @@ def test_3d_chunk_names_map_like_the_whole_model():
     layer names and the vocabulary-split tables of TP > 1 land in the same groups."""
     from calm_dist.models.backbone import BackboneOptions
     from calm_dist.models.calm import CALM
+    from calm_dist.models.kinds import model_kind
     from calm_dist.parallel.pipeline import strip_to_stage
     from calm_dist.parallel.vocab_parallel import VocabParallelEmbedding, VocabParallelOutput, parallelize_vocabulary
     from calm_dist.engines.model_build import build_model
@@ -179,7 +180,8 @@ def test_3d_chunk_names_map_like_the_whole_model():
                 model = CALM(cfg.model, Autoencoder(cfg.autoencoder), backbone_options=options)
             else:
                 model = build_model(cfg, backbone_options=options)
-            chunks.append(parallelize_vocabulary(strip_to_stage(model, first, last), layout, first, last))
+            kind = model_kind(cfg.training.stage)
+            chunks.append(parallelize_vocabulary(strip_to_stage(model, kind, first, last), layout, first, last))
         assert isinstance(chunks[0].embed_tokens, VocabParallelEmbedding)
         assert preset == "tiny_calm" or isinstance(chunks[1].lm_head, VocabParallelOutput)
         chunked = nn.ModuleList(chunks)

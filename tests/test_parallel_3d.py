@@ -546,6 +546,19 @@ def test_bf16_3d_on_a_cpu_is_refused_before_building():
         build_3d_engine(cfg, current_layout(), torch.device("cpu"))
 
 
+def test_pipeline_chunks_keep_the_modules_their_kind_places_there():
+    from calm_dist.models.kinds import AUTOENCODER, BASELINE
+    from calm_dist.parallel.pipeline import strip_to_stage
+
+    cfg = _config("tiny_baseline", SHAPE)
+    first = strip_to_stage(BASELINE.build(cfg, None, None), BASELINE, first=True, last=False)
+    last = strip_to_stage(BASELINE.build(cfg, None, None), BASELINE, first=False, last=True)
+    assert first.embed_tokens is not None and first.lm_head is None
+    assert last.embed_tokens is None and last.lm_head is not None
+    with pytest.raises(ValueError, match="the autoencoder cannot be pipelined"):
+        strip_to_stage(Autoencoder(cfg.autoencoder), AUTOENCODER, first=True, last=False)
+
+
 def test_megatron_clipping_reports_the_global_norm_and_clips_to_the_limit(seed_files):
     """One process, TP = PP = 1: the optimizer steps on megatron DDP's reduced buffers, clipped
     by megatron-core to optimizer.grad_clip, which holds only if the reported norm is theirs."""

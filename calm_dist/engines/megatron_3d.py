@@ -398,7 +398,7 @@ def build_3d_engine(cfg: JobConfig, layout: ParallelLayout, device: torch.device
             sequence_parallel=cfg.parallel.sequence_parallel,
             vp_stage=vp_stage if virtual > 1 else None,
         )
-        model = strip_to_stage(build_model(cfg, backbone_options=options), first, last)
+        model = strip_to_stage(build_model(cfg, backbone_options=options), model_kind(cfg.training.stage), first, last)
         model = parallelize_vocabulary(model, layout, first, last)
         if cfg.training.init_weights:
             offset = layer_offset(cfg.model.num_layers, layout.pipeline_parallel, layout.pp_rank, virtual, vp_stage)

@@ -1,7 +1,7 @@
 """The model kinds (`training.stage`): the one place that says what an autoencoder, a CALM and a
 token baseline are to the rest of the package: how one is built, what it reads from a batch of
 token blocks, what it logs per step, how it scores an evaluation block, how its conversion is
-probed, and which of its modules are frozen. Adding a kind (another head from the paper's
+probed, which of its modules are frozen, and where a pipeline cuts it. Adding a kind (another head from the paper's
 ablations, say) means adding one `ModelKind` here; the trainer, the evaluator, the loader and the
 converter look kinds up instead of comparing names.
 
@@ -51,6 +51,10 @@ class ModelKind:
     probe_tokens: Callable[[JobConfig, int, torch.Generator], torch.Tensor]  # conversion check inputs
     probe_outputs: Probe  # outputs a conversion must reproduce, each after seeding torch with `seed`
     frozen_modules: tuple[str, ...] = ()  # top-level modules that never train
+    # Pipeline split points (the 3d regime): the top-level modules only the model's first chunk
+    # keeps and those only its last chunk keeps; None: the kind is not pipelined.
+    first_chunk_only: tuple[str, ...] | None = None
+    last_chunk_only: tuple[str, ...] | None = None
 
     def step_metrics(self, out) -> dict[str, float]:
         """The scalars to log from one forward's output (besides the loss)."""
@@ -127,6 +131,8 @@ CALM_KIND = ModelKind(
     probe_tokens=_probe_calm_tokens,
     probe_outputs=_probe_calm,
     frozen_modules=("autoencoder",),
+    first_chunk_only=("embed_tokens", "compressor"),
+    last_chunk_only=("head", "autoencoder"),
 )
 
 
@@ -155,6 +161,8 @@ BASELINE = ModelKind(
     perplexity=True,
     probe_tokens=_probe_baseline_tokens,
     probe_outputs=_probe_baseline,
+    first_chunk_only=("embed_tokens",),
+    last_chunk_only=("lm_head",),
 )
 
 

@@ -34,11 +34,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_attr_wrapped_model
 from torch import nn
 
+from calm_dist.models.kinds import ModelKind
 from calm_dist.parallel.state import ParallelLayout
-
-# Submodules that only the first / the last stage keeps, per model class name.
-_FIRST_STAGE_ONLY = {"CALM": ("embed_tokens", "compressor"), "TokenBaseline": ("embed_tokens",)}
-_LAST_STAGE_ONLY = {"CALM": ("head", "autoencoder"), "TokenBaseline": ("lm_head",)}
 
 
 def chunk_place(layout: ParallelLayout, vp_stage: int = 0) -> tuple[bool, bool]:
@@ -88,17 +85,16 @@ class PipelineStage(nn.Module):
             return self.model.loss_from_hidden(h_SBD.transpose(0, 1), tokens_BT)
 
 
-def strip_to_stage(model: nn.Module, first: bool, last: bool) -> nn.Module:
-    """Drop the submodules other chunks own (the backbone was built with only this chunk's
-    layers already)."""
-    name = type(model).__name__
-    if name not in _FIRST_STAGE_ONLY:
-        raise ValueError(f"{name} cannot be pipelined: only CALM and the token baseline can")
+def strip_to_stage(model: nn.Module, kind: ModelKind, first: bool, last: bool) -> nn.Module:
+    """Drop the submodules other chunks own, by the kind's split points (the backbone was built
+    with only this chunk's layers already)."""
+    if kind.first_chunk_only is None or kind.last_chunk_only is None:
+        raise ValueError(f"the {kind.name} cannot be pipelined: only CALM and the token baseline can")
     if not first:
-        for part in _FIRST_STAGE_ONLY[name]:
+        for part in kind.first_chunk_only:
             setattr(model, part, None)
     if not last:
-        for part in _LAST_STAGE_ONLY[name]:
+        for part in kind.last_chunk_only:
             setattr(model, part, None)
     return model
 
