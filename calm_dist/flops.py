@@ -60,13 +60,9 @@ import logging
 import re
 from typing import Optional
 
-import torch
-
 from calm_dist.config.rules import ae_intermediate_size, head_blocks
 from calm_dist.config.schema import AutoencoderConfig, JobConfig, ModelConfig
-from calm_dist.models.backbone import backbone_param_count
-from calm_dist.models.compressor import compressor_param_count
-from calm_dist.models.energy_head import energy_head_param_count
+from calm_dist.models.param_counts import backbone_param_count, compressor_param_count, energy_head_param_count
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +225,8 @@ def compute_precision(training_precision: str) -> str:
     TF32 matmuls enabled (`torch.set_float32_matmul_precision("high")`) and plain fp32 otherwise."""
     if training_precision != "fp32":
         return training_precision
+    import torch  # lazy: ~1 s; calm-sweep and calm-config read the formulas above without torch
+
     return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 

@@ -91,3 +91,12 @@ def test_lazy_import_check_flags_an_unexplained_import(tmp_path):
         "        import h\n"
     )
     assert lazy_imports_without_reason([module], tmp_path) == ["module.py:7", "module.py:10", "module.py:12"]
+
+
+def test_planning_commands_start_without_torch_or_megatron():
+    """calm-sweep plan/status and calm-config (--memory too) are arithmetic on the config: their
+    modules must not pull in torch (~1 s) or megatron-core (~3 s) at start-up."""
+    code = ("import sys, calm_dist.sweep.plan, calm_dist.sweep.collect, calm_dist.cli.config, calm_dist.flops; "
+            "print(sorted(m for m in ('torch', 'megatron', 'megatron.core') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

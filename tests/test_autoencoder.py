@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from calm_dist.config.schema import AutoencoderConfig
-from calm_dist.models.autoencoder import Autoencoder, autoencoder_param_count
+from calm_dist.models.autoencoder import Autoencoder
+from calm_dist.models.param_counts import autoencoder_param_count
 
 
 def small_cfg(**kw) -> AutoencoderConfig:

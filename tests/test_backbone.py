@@ -141,7 +141,7 @@ def test_init_statistics():
 
 @pytest.mark.parametrize("num_query_groups", [0, 2])
 def test_param_count_formula_matches_the_built_model(num_query_groups):
-    from calm_dist.models.backbone import backbone_param_count
+    from calm_dist.models.param_counts import backbone_param_count
 
     cfg = small_cfg(num_query_groups=num_query_groups, num_layers=3)
     model = backbone(cfg, "local")
@@ -149,7 +149,7 @@ def test_param_count_formula_matches_the_built_model(num_query_groups):
 
 
 def test_param_count_formula_matches_the_paper_backbone():
-    from calm_dist.models.backbone import backbone_param_count
+    from calm_dist.models.param_counts import backbone_param_count
 
     cfg = ModelConfig(hidden_size=1024, intermediate_size=2752, num_layers=16, num_attention_heads=16)
     assert round(backbone_param_count(cfg) / 1e6, 1) == 202.4  # CALM-M's 16 layers (CALM.md §2.3)

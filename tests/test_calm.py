@@ -13,8 +13,9 @@ from calm_dist.ops.brier import BrierAccumulator
 from calm_dist.evaluation.scorer import metrics_from, score_blocks
 from calm_dist.models.scoring import baseline_next_token_probs, calm_block_terms
 from calm_dist.models.autoencoder import Autoencoder
-from calm_dist.models.baseline import TokenBaseline, baseline_param_count
-from calm_dist.models.calm import CALM, calm_param_count, unconditional_energy
+from calm_dist.models.baseline import TokenBaseline
+from calm_dist.models.calm import CALM, unconditional_energy
+from calm_dist.models.param_counts import baseline_param_count, calm_param_count
 from calm_dist.parallel.state import ensure_model_parallel
 
 # Derived in CALM.md §2.3 (millions; CALM without its frozen autoencoder).

@@ -8,7 +8,8 @@ import torch
 
 from calm_dist.config import load_config, validate
 from calm_dist.models.autoencoder import Autoencoder
-from calm_dist.models.calm import CALM, calm_param_count
+from calm_dist.models.calm import CALM
+from calm_dist.models.param_counts import calm_param_count
 from calm_dist.parallel.state import ensure_model_parallel
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -83,7 +83,7 @@ def test_a_zombie_holder_counts_as_gone_and_an_exiting_one_is_waited_for(tmp_pat
     exiting: the next launch takes the lock instead of refusing it."""
     import time
 
-    from calm_dist.training.run_lock import pid_alive
+    from calm_dist.common.processes import pid_alive
 
     zombie = subprocess.Popen([sys.executable, "-c", "pass"])
     deadline = time.time() + 30

@@ -192,19 +192,3 @@ class Autoencoder(nn.Module):
         mu, log_sigma = self.encode(tokens_BCK)
         z = mu if use_mean else self.sample_posterior(mu, log_sigma)
         return (self.decode_tokens(z) == tokens_BCK).float().mean()
-
-
-def autoencoder_param_count(cfg: AutoencoderConfig) -> int:
-    """Closed-form parameter count (CALM.md §1.1: 75.8M at the reference shapes, V = 128,257)."""
-    d, k, l, ffn = cfg.hidden_size, cfg.patch_size, cfg.latent_size, cfg.intermediate_size
-    layer = 3 * d * ffn + d
-    layers = (cfg.num_encoder_layers + cfg.num_decoder_layers) * layer
-    return (
-        cfg.vocab_size * d
-        + layers
-        + (k * d * d + d)  # squeeze K*D -> D
-        + (d * k * d + k * d)  # expand D -> K*D
-        + (d * 2 * l + 2 * l)  # latent head
-        + (l * d + d)  # decoder input
-        + 2 * d  # final norms
-    )

@@ -47,15 +47,6 @@ def _num_query_groups(cfg: ModelConfig) -> int:
     return query_groups(cfg)  # 0 means multi-head attention
 
 
-def backbone_param_count(cfg: ModelConfig) -> int:
-    """Parameters of the backbone, by formula: per layer QKV + output projection, SwiGLU MLP
-    (three d x ffn matrices) and two RMSNorm weights; plus the final RMSNorm."""
-    d, ffn = cfg.hidden_size, cfg.intermediate_size
-    kv_size = _num_query_groups(cfg) * (d // cfg.num_attention_heads)
-    attention = d * (d + 2 * kv_size) + d * d
-    return cfg.num_layers * (attention + 3 * d * ffn + 2 * d) + d
-
-
 def _recompute_settings(recompute: str) -> dict:
     """megatron's recompute fields: full recomputes every layer from its input (one layer per
     unit); selective only the core attention, whose activations grow with the sequence squared."""

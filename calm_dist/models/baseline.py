@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from calm_dist.config.schema import ModelConfig
-from calm_dist.models.backbone import Backbone, BackboneOptions, backbone_param_count
+from calm_dist.models.backbone import Backbone, BackboneOptions
 
 
 class BaselineOutput(NamedTuple):
@@ -63,8 +63,3 @@ class TokenBaseline(nn.Module):
         logits_BTV = self.lm_head(h_BTD)
         loss = self.token_loss(logits_BTV, tokens_BT[:, 1:])
         return BaselineOutput(loss=loss, num_positions=logits_BTV.shape[0] * logits_BTV.shape[1])
-
-
-def baseline_param_count(cfg: ModelConfig) -> int:
-    """Input embedding + backbone + untied output layer."""
-    return 2 * cfg.vocab_size * cfg.hidden_size + backbone_param_count(cfg)

@@ -16,9 +16,9 @@ from torch import nn
 from calm_dist.config.rules import head_blocks
 from calm_dist.config.schema import ModelConfig
 from calm_dist.models.autoencoder import Autoencoder
-from calm_dist.models.backbone import Backbone, BackboneOptions, backbone_param_count
-from calm_dist.models.compressor import ChunkCompressor, compressor_param_count
-from calm_dist.models.energy_head import EnergyHead, energy_head_param_count
+from calm_dist.models.backbone import Backbone, BackboneOptions
+from calm_dist.models.compressor import ChunkCompressor
+from calm_dist.models.energy_head import EnergyHead
 from calm_dist.ops.collapse import pairwise_cosine_tensor
 from calm_dist.ops.energy import energy_loss
 
@@ -133,18 +133,6 @@ class CALM(nn.Module):
             parts.append(part.loss * weight)
             totals += weight * torch.stack([part.fidelity.detach(), part.diversity.detach(), part.loss.detach()])
         return torch.stack(parts).sum(), totals[0], totals[1]
-
-
-def calm_param_count(cfg: ModelConfig) -> int:
-    """Trainable parameters of CALM, without the frozen autoencoder (the convention that matches
-    the paper's Table 1; CALM.md §2.3)."""
-    d = cfg.hidden_size
-    return (
-        cfg.vocab_size * d
-        + backbone_param_count(cfg)
-        + compressor_param_count(d, cfg.patch_size)
-        + energy_head_param_count(d, cfg.latent_size, cfg.noise_size, head_blocks(cfg))
-    )
 
 
 @torch.no_grad()

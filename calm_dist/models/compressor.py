@@ -28,7 +28,3 @@ class ChunkCompressor(nn.Module):
         b, t, d = token_embeds_BTD.shape
         u_BSKD = token_embeds_BTD.reshape(b, t // self.patch_size, self.patch_size * d)
         return self.norm(self.fc2(F.silu(self.fc1(u_BSKD))))
-
-
-def compressor_param_count(d: int, k: int) -> int:
-    return (k * d * 2 * d + 2 * d) + (2 * d * d + d) + 2 * d

@@ -68,8 +68,3 @@ class EnergyHead(nn.Module):
     def sample(self, h_PD: torch.Tensor, num_samples: int) -> torch.Tensor:
         """N independent samples per position: (N, P, L)."""
         return self(h_PD, self.draw_noise((num_samples, *h_PD.shape[:-1]), h_PD))
-
-
-def energy_head_param_count(d: int, latent: int, noise: int, blocks: int) -> int:
-    block = 2 * d + (2 * d * d + d) + (d * d + d) + (d * 2 * d + 2 * d) + (d * d + d)
-    return (noise * d + d) + 2 * d + (d * d + d) + 2 * d + blocks * block + 2 * d + (d * d + d) + (d * latent + latent)

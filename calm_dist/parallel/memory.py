@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from calm_dist.config.rules import head_blocks
 from calm_dist.config.schema import JobConfig
+from calm_dist.models.param_counts import backbone_param_count, compressor_param_count, energy_head_param_count
 
 LAYER_BYTES = 95.1  # per step x hidden, fp32, FFN = 2.6875 x hidden
 HEAD_BLOCK_BYTES = 44.0  # per sample x step x hidden, fp32
@@ -47,11 +48,6 @@ class MemoryEstimate:
 
 def _stage_params(cfg: JobConfig) -> tuple[float, float]:
     """Trainable parameters per GPU on the first and on the last pipeline stage."""
-    # lazy: the models import megatron-core (~2.5 s); calm-config needs them for --memory only
-    from calm_dist.models.backbone import backbone_param_count
-    from calm_dist.models.compressor import compressor_param_count
-    from calm_dist.models.energy_head import energy_head_param_count
-
     m, par = cfg.model, cfg.parallel
     d = m.hidden_size
     # a stage's share of the layers (the final norm's d weights are negligible), split over TP

@@ -19,6 +19,8 @@ from typing import Any
 from calm_dist.config import (
     ConfigError, JobConfig, config_from_dict, config_to_dict, load_config, save_config, validate,
 )
+from calm_dist.flops import training_flops_per_token
+from calm_dist.models.param_counts import baseline_param_count, calm_param_count
 from calm_dist.sweep.spec import OVERRIDE_PREFIX, SweepError, SweepSpec, override_text
 from calm_dist.training.run_dir import mark_run_dir
 
@@ -59,11 +61,6 @@ def point_name(cfg: JobConfig, tokens: int, generic: dict[str, Any]) -> str:
 
 def build_points(spec: SweepSpec, out_dir: Path) -> list[dict[str, Any]]:
     """All points of the grid, validated; raises SweepError naming the first bad point."""
-    # lazy: these import the models (megatron-core, ~3 s); calm-sweep status reads plans without them
-    from calm_dist.flops import training_flops_per_token
-    from calm_dist.models.baseline import baseline_param_count
-    from calm_dist.models.calm import calm_param_count
-
     axes = list(spec.axes)
     points: dict[str, dict[str, Any]] = {}
     for values in itertools.product(*(spec.axes[a] for a in axes)):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from calm_dist.common.atomic import atomic_write_json
-from calm_dist.training.run_lock import pid_alive
+from calm_dist.common.processes import pid_alive
 
 JOB_FILE = "job.json"
 _SLURM_RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT"}

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from calm_dist.common.atomic import create_exclusive
+from calm_dist.common.processes import pid_alive
 from calm_dist.training.run_dir import foreign_entries, mark_run_dir, refusal
 
 logger = logging.getLogger(__name__)
@@ -41,23 +42,6 @@ HOLDER_WAIT_S = 5.0  # how long a live holder on this host may take to exit befo
 def _identity() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid runs on this host (a zombie, dead but not yet reaped, does not)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True  # no /proc (not Linux): existence is all we can tell
-    return state not in ("Z", "X")
 
 
 def _stale(holder: dict, me: dict) -> bool:
