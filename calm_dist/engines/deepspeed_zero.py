@@ -44,8 +44,8 @@ class ZeroEngine:
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                 config=ds_config)
         if self.ds.checkpoint_engine.is_decoupled():
-            raise ValueError("a decoupled (asynchronous) DeepSpeed checkpoint engine breaks atomic saves: "
-                             "remove checkpoint.decoupled from the DeepSpeed preset")
+            raise ValueError("a decoupled (asynchronous) DeepSpeed checkpoint engine breaks the atomic saves "
+                             "calm-dist relies on: use DeepSpeed's default, synchronous one")
         if ds_config["zero_optimization"]["stage"] == 3:
             register_tied_weights(self.ds.module)
 
