@@ -24,7 +24,7 @@ from calm_dist.checkpoint.manager import CheckpointSaveError, NonFiniteState
 from calm_dist.common.dist_env import read_dist_env
 from calm_dist.config import ConfigError, config_to_dict, load_config, validate
 from calm_dist.environment import log_backend_report
-from calm_dist.parallel.launch import init_distributed
+from calm_dist.parallel.launch import init_distributed, shutdown_distributed
 from calm_dist.parallel.memory import describe
 from calm_dist.engines.deepspeed_config import DeepSpeedPresetError, build_ds_config
 from calm_dist.training.run_lock import RunLock
@@ -67,9 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     info = init_distributed(cfg.training.device)
     if info.rank == 0:
         log_backend_report()
+    clean = False
     try:
         with RunLock(cfg.training.output_dir, info.rank):
             Trainer(cfg, info, start_time=start_time).fit()
+        clean = True
     except (TrainingStopped, NonFiniteState, CheckpointSaveError) as err:
         # The run cannot go on by itself; what was saved before is intact and the message says which.
         logging.getLogger("calm_dist.train").error("%s", err)
@@ -81,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             "%s: %s", type(err).__name__, err, exc_info=os.environ.get("CALM_DIST_DEBUG") == "1"
         )
         return 2
+    finally:
+        shutdown_distributed(clean)
     return 0
 
 

@@ -49,3 +49,28 @@ def test_data_directories_mark_temps_partial_and_remove_them(tmp_path):
     assert [p.name for p in remove_partials(tmp_path)] == leftovers
     assert sorted(os.listdir(tmp_path)) == ["notes.partial.txt", "train-000000.tar"]
     assert remove_partials(tmp_path / "missing") == []
+
+
+def test_a_directory_appears_whole_replaces_the_old_one_only_when_complete_and_keeps_the_umask(tmp_path):
+    from calm_dist.common.atomic import atomic_directory
+
+    out = tmp_path / "autoencoder"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with atomic_directory(out) as tmp:
+            (tmp / "new.txt").write_text("half")
+            assert tmp.parent == out.parent and not (out / "new.txt").exists()  # built beside, not in place
+            raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["autoencoder"]  # nothing left over
+    assert (out / "old.txt").read_text() == "old"  # the old directory is untouched
+
+    old_umask = os.umask(0o022)
+    try:
+        with atomic_directory(out) as tmp:
+            (tmp / "new.txt").write_text("whole")
+    finally:
+        os.umask(old_umask)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["autoencoder"]
+    assert [p.name for p in out.iterdir()] == ["new.txt"] and (out / "new.txt").read_text() == "whole"
+    assert out.stat().st_mode & 0o777 == 0o755  # the umask's mode, not mkdtemp's 0700

@@ -6,14 +6,20 @@ filesystem, and distinct per process, so two writers of one file never share a t
 The mark lets a cleanup recognise what a killed writer left: the checkpoint manager removes
 `latest.tmp*`, a data directory `*.partial*` (calm_dist/data/atomic.py). Files get the mode a plain
 open() gives (the umask applies). A write that raises removes its temporary file.
+
+`atomic_directory` does the same for a whole directory (an exported autoencoder, a converted
+model): built under a temporary sibling name, then moved into place by one rename.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
+import shutil
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
 TEMP_MARK = ".tmp"
 
@@ -75,3 +81,42 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | os.PathLike, *, mark: str = ".partial") -> Iterator[Path]:
+    """`with atomic_directory(out) as tmp:` fill `tmp`; on a normal exit its files are flushed to
+    disk and it becomes `out` in one rename, so readers see the old directory or the whole new one.
+    An existing `out` is renamed aside only then (and put back if the rename fails), and deleted
+    after. On an error `tmp` is removed and `out` is untouched. `tmp` is created with the umask's
+    mode (not mkdtemp's 0700), so a shared run directory stays readable by the group."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}{mark}-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    stale = None
+    try:
+        yield tmp
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        if out_dir.exists():
+            stale = out_dir.with_name(f".{out_dir.name}.stale-{os.getpid()}-{secrets.token_hex(4)}")
+            os.rename(out_dir, stale)
+        try:
+            os.rename(tmp, out_dir)
+        except BaseException:
+            if stale is not None:
+                os.rename(stale, out_dir)
+                stale = None
+            raise
+        fsync_dir(out_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if stale is not None:
+        shutil.rmtree(stale, ignore_errors=True)

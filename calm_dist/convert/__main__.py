@@ -1,7 +1,8 @@
-"""python -m calm_dist.convert {convert,inspect,diff} ..."""
+"""python -m calm_dist.convert {convert,inspect,diff,verify} ..."""
 
 import sys
 
 from calm_dist.convert import main
 
-sys.exit(main())
+if __name__ == "__main__":  # a spawned child process re-imports __main__: it must not convert again
+    sys.exit(main())

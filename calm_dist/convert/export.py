@@ -22,10 +22,8 @@ optimizer shards are memory-mapped); verification adds two fp32 models.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -33,6 +31,7 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
+from calm_dist.common.atomic import atomic_directory
 from calm_dist.config.schema import JobConfig
 from calm_dist.checkpoint.hf_config import (
     AE_PREFIX,
@@ -111,9 +110,9 @@ def convert_checkpoint(
     check_shards(ref)
     progress(f"converting {ref.path} (stage {cfg.training.stage}, step {meta.get('step')}) to {out_dir} as {dtype}")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    # An existing out_dir (only with overwrite, refused above otherwise) is retired only once the
+    # new directory is complete and verified.
+    with atomic_directory(out_dir) as tmp:
         ae_path = write_weights(ref, cfg, tmp, DTYPES[dtype], embed_autoencoder)
         if write_tokenizer is not None:
             write_tokenizer(tmp / TOKENIZER_NAME)
@@ -125,10 +124,6 @@ def convert_checkpoint(
             progress("verifying: converted model against the checkpoint on a probe batch")
             report = verify_conversion(ref, tmp, DTYPES[dtype])
             progress("verified: " + ", ".join(f"{k} {v}" for k, v in report.items()))
-        _commit(tmp, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     progress(f"wrote {out_dir}")
     return out_dir
 
@@ -178,14 +173,3 @@ def _tokenizer_writer(spec: str | Path, allow_missing: bool) -> Callable[[Path],
     raise ConversionError(f"the run's tokenizer file {spec} (data.tokenizer) is missing: pass --tokenizer PATH, "
                           "or --allow-missing-tokenizer to convert without one (relative paths are read "
                           "from the current directory)")
-
-
-def _commit(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    """Rename the finished temporary directory into place (an old output is retired only now)."""
-    stale = None
-    if out_dir.exists() and overwrite:
-        stale = out_dir.with_name(f".{out_dir.name}.stale-{os.getpid()}")
-        os.rename(out_dir, stale)
-    os.rename(tmp, out_dir)
-    if stale is not None:
-        shutil.rmtree(stale, ignore_errors=True)

@@ -20,7 +20,6 @@ from typing import Any, Iterable
 
 from tqdm import tqdm
 
-from calm_dist.data.atomic import PARTIAL_SUFFIX
 from calm_dist.data.corpus import Document, bundled_documents, is_held_out
 from calm_dist.data.index import INDEX_NAME, ShardIndex, load_index
 from calm_dist.data.shards import ShardWriter, clear_shard_directory, same_preparation, token_dtype
@@ -168,10 +167,8 @@ def _trained_tokenizer(path: Path, texts: Iterable[str], vocab_size: int, overwr
                              "overwrite / --overwrite to train a new one")
     else:
         tokenizer = train_bpe(texts, vocab_size)
-        partial = path.with_name(path.name + PARTIAL_SUFFIX)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(partial)
-        partial.replace(path)
+        tokenizer.save(path)
     tokenizer.name = TOKENIZER_FILE  # the same on every run, so reruns match the recorded settings
     return tokenizer
 

@@ -25,6 +25,8 @@ from typing import Iterable
 
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
+from calm_dist.data.atomic import atomic_write_bytes
+
 ENDOFTEXT = "<|endoftext|>"
 PAD = "<|pad|>"
 
@@ -78,7 +80,8 @@ class Tokenizer:
         return self._fingerprint
 
     def save(self, path: str | Path) -> None:
-        self.backend.save(str(path))
+        """Write the tokenizer file atomically (flushed, then renamed into place)."""
+        atomic_write_bytes(path, self.backend.to_str(pretty=True).encode("utf-8"))
 
 
 def _with_roles(backend, name: str = "", fast_encoder=None) -> Tokenizer:

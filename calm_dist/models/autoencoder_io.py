@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from calm_dist.common.atomic import atomic_directory
 from calm_dist.config.schema import AutoencoderConfig
 from calm_dist.models.autoencoder import Autoencoder
 from calm_dist.weights_file import load_safetensors
@@ -25,16 +23,14 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 def save_autoencoder(state_dict: dict[str, torch.Tensor], cfg: AutoencoderConfig, out_dir: str | Path) -> Path:
-    """Write atomically: a temporary sibling directory renamed into place when complete."""
+    """Write atomically: a temporary sibling directory renamed into place when complete (an older
+    export there is replaced only then)."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
-    save_file(tensors, str(tmp / WEIGHTS_NAME))
-    (tmp / CONFIG_NAME).write_text(json.dumps({"model_type": "calm_autoencoder", **dataclasses.asdict(cfg)}, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic_directory(out_dir) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME))
+        (tmp / CONFIG_NAME).write_text(json.dumps({"model_type": "calm_autoencoder", **dataclasses.asdict(cfg)},
+                                                  indent=2))
     return out_dir
 
 

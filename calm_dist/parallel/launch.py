@@ -66,3 +66,15 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
         if not deepspeed.comm.is_initialized():
             deepspeed.comm.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev)
+
+
+def shutdown_distributed(clean: bool) -> None:
+    """Tear the process group down before the interpreter exits (left to interpreter shutdown,
+    gloo's worker threads can be destroyed still joinable: "terminate called without an active
+    exception", SIGABRT, a failed job after a finished run). `clean`: every rank got here, so
+    they first wait for each other; after an error a peer may be gone, so no collective."""
+    if not dist.is_initialized():
+        return
+    if clean and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
