@@ -27,6 +27,7 @@ import time
 import warnings
 from pathlib import Path
 
+from calm_dist.common.job_log import HARMLESS_WARNINGS
 from calm_dist.config import load_config
 from calm_dist.config.validate import validate
 from calm_dist.data.tokenizer import load_tokenizer
@@ -121,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the token baseline of equal training FLOPs trained beside CALM")
     args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed")
+    for pattern in HARMLESS_WARNINGS:  # the in-process steps (summary, generation); the stages set their own
+        warnings.filterwarnings("ignore", message=pattern)
     start = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -16,12 +16,15 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import yaml
 
 from calm_dist.checkpoint.manager import CheckpointSaveError, NonFiniteState
 from calm_dist.common.dist_env import read_dist_env
+from calm_dist.common.job_log import setup_job_logging, short_hostname
 from calm_dist.config import ConfigError, config_to_dict, load_config, validate
 from calm_dist.environment import log_backend_report
 from calm_dist.parallel.launch import init_distributed, shutdown_distributed
@@ -30,12 +33,21 @@ from calm_dist.engines.deepspeed_config import DeepSpeedPresetError, build_ds_co
 from calm_dist.training.run_lock import RunLock
 
 
-def _setup_logging(rank: int) -> None:
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+def describe_job(cfg, info) -> str:
+    """The job's first line: nodes and ranks, the regime and its TP/PP/DP, the backend, the
+    device and where checkpoints go. A collective (the ranks' host names are gathered)."""
+    hosts = [short_hostname()]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        hosts = [None] * dist.get_world_size()
+        dist.all_gather_object(hosts, short_hostname())
+    nodes = sorted(set(hosts))
+    par, backend = cfg.parallel, dist.get_backend() if dist.is_initialized() else "none"
+    layout = (f"TP {par.tensor_parallel} x PP {par.pipeline_parallel} x DP {cfg.derived.data_parallel_size}"
+              + (f", ZeRO-{par.zero_stage}" if par.zero_stage else ""))
+    where = ", ".join(nodes[:4]) + (f" and {len(nodes) - 4} more" if len(nodes) > 4 else "")
+    return (f"job: {info.world_size} rank(s) on {len(nodes)} node(s) ({where}); stage {cfg.training.stage}, "
+            f"regime {par.regime} ({layout}); backend {backend} on {info.device.type}; "
+            f"checkpoints -> {Path(cfg.training.output_dir).resolve() / 'checkpoints'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,12 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         print(describe(cfg), end="")
         return 0
 
+    setup_job_logging(read_dist_env().rank)  # before megatron-core is imported: it warns at import
     # lazy: the trainer imports megatron-core, the data loader and more (seconds); config errors come first
     from calm_dist.training.trainer import Trainer, TrainingStopped
 
-    _setup_logging(read_dist_env().rank)
     info = init_distributed(cfg.training.device)
+    job = describe_job(cfg, info)  # a collective: every rank
     if info.rank == 0:
+        logging.getLogger("calm_dist.train").info("%s", job)
         log_backend_report()
     clean = False
     try:

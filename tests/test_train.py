@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -33,9 +34,16 @@ def data(tmp_path_factory):
 def autoencoder(data, tmp_path_factory):
     """Stage 1 with 2 ranks: trains, checkpoints, and exports the autoencoder for stage 2."""
     out = tmp_path_factory.mktemp("ae")
-    train(data, "tiny_autoencoder", out, "training.train_steps=6", "training.save_interval=3",
-          "training.eval_interval=3", nproc=2)
+    # The job log as a user gets it: the trainer's own warning policy, not the tests' PYTHONWARNINGS.
+    env = {k: v for k, v in child_env().items() if k != "PYTHONWARNINGS"}
+    proc = train(data, "tiny_autoencoder", out, "training.train_steps=6", "training.save_interval=3",
+                 "training.eval_interval=3", nproc=2, env=env)
+    job_log(out).write_text(proc.stdout + proc.stderr)  # beside the run directory, not in it
     return out
+
+
+def job_log(run: Path) -> Path:
+    return run.with_name(run.name + ".job.log")
 
 
 def test_autoencoder_stage_on_two_ranks_partitions_and_exports(autoencoder):
@@ -55,6 +63,23 @@ def test_autoencoder_stage_on_two_ranks_partitions_and_exports(autoencoder):
     assert (run / "autoencoder" / "model.safetensors").is_file() and (run / "ds_config.json").is_file()
     ds = json.loads((run / "ds_config.json").read_text())
     assert ds["train_batch_size"] == 8 and ds["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+
+
+def test_a_two_rank_job_log_says_its_layout_and_names_rank_and_host_on_every_line(autoencoder):
+    """What a person reads: the job's layout first, each of our lines with its rank and host, no
+    known-harmless library warning (missing Apex / Transformer Engine, torch's deprecation of the
+    collectives DeepSpeed calls) and no library warning twice."""
+    lines = job_log(autoencoder).read_text().splitlines()
+    ours = [line for line in lines if re.match(r"\d\d:\d\d:\d\d \[", line)]
+    assert ours and all(re.match(r"\d\d:\d\d:\d\d \[rank[01]@[\w.-]+\] ", line) for line in ours), ours[:5]
+    assert "calm_dist.train: job: 2 rank(s) on 1 node(s)" in ours[0]
+    assert "stage autoencoder, regime zero3 (TP 1 x PP 1 x DP 2, ZeRO-3); backend gloo on cpu" in ours[0]
+    assert f"checkpoints -> {autoencoder.resolve() / 'checkpoints'}" in ours[0]
+    text = "\n".join(lines)
+    assert "is not installed" not in text and "are not installed" not in text
+    assert "FutureWarning" not in text and "DeprecationWarning" not in text
+    warnings_seen = [line.split("Warning: ", 1)[1] for line in lines if "Warning: " in line]
+    assert len(warnings_seen) == len(set(warnings_seen)), warnings_seen
 
 
 @pytest.mark.parametrize("stage", ["calm", "baseline"])

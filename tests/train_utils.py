@@ -36,10 +36,10 @@ def train_command(nproc: int) -> list[str]:
 
 
 def train(data: list[str], preset: str, out: Path, *overrides: str, nproc: int = 1, check: bool = True,
-          timeout: float = 240) -> subprocess.CompletedProcess:
+          timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Train `preset` with the TINY shape into `out`; `data` from prepared_corpus_overrides."""
     args = [*train_command(nproc), "--config", preset, *data, *TINY, f"training.output_dir={out}", *overrides]
-    proc = subprocess.run(args, capture_output=True, text=True, env=child_env(), timeout=timeout)
+    proc = subprocess.run(args, capture_output=True, text=True, env=env or child_env(), timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
