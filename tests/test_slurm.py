@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -141,6 +142,24 @@ def test_train_job_completes(cluster, data, tmp_path):
     assert job(cluster, jid)["JobState"] == "COMPLETED", text[-4000:]
     assert "SLURM_RESTART_COUNT=unset" in text and "2 process(es)" in text and "finished" in text
     assert latest_step(run) == 4 and max(train_steps_logged(run)) == 4
+
+
+@pytest.mark.parametrize("script", ["train.sbatch", "train_srun.sbatch"])
+def test_a_rendezvous_port_in_use_stops_the_job_before_any_rank_starts(cluster, data, tmp_path, script):
+    """One line in the job log names the port and the fix, the job fails at once (no rendezvous
+    timeout) and nothing is written."""
+    run, log = tmp_path / "run", tmp_path / "train.out"
+    with socket.socket() as busy:  # the cluster's node shares this machine's network
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        jid = sbatch(cluster, "-c", "2", "-o", log, SLURM / script, "--config", "tiny_baseline", *data,
+                     f"training.output_dir={run}", GPUS_PER_NODE="2", CALM_MASTER_PORT=str(port))
+        wait_gone(cluster, jid, timeout=60)
+    text = log.read_text()
+    assert job(cluster, jid)["JobState"] == "FAILED", text[-3000:]
+    assert f"error: rendezvous port {port} on" in text and "set CALM_MASTER_PORT in the site file" in text
+    assert not run.exists()
 
 
 def test_train_srun_per_gpu_job_completes(cluster, data, tmp_path):
