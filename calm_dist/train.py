@@ -77,12 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     from calm_dist.training.trainer import Trainer, TrainingStopped
 
     info = init_distributed(cfg.training.device)
-    job = describe_job(cfg, info)  # a collective: every rank
-    if info.rank == 0:
-        logging.getLogger("calm_dist.train").info("%s", job)
-        log_backend_report()
     clean = False
     try:
+        job = describe_job(cfg, info)  # a collective: every rank
+        if info.rank == 0:
+            logging.getLogger("calm_dist.train").info("%s", job)
+            log_backend_report()
         with RunLock(cfg.training.output_dir, info.rank):
             Trainer(cfg, info, start_time=start_time).fit()
         clean = True

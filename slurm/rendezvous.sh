@@ -19,12 +19,22 @@ if [[ -z $addr ]]; then
     addr=127.0.0.1
 fi
 port=${CALM_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
-# SO_REUSEADDR as torch's store sets it: a port left in TIME_WAIT is usable, one with a listener is not.
-if ! "$CALM_PYTHON" -c 'import socket, sys
+# The store is hosted here (node 0) whatever the address. SO_REUSEADDR as torch's store sets it:
+# a port left in TIME_WAIT is usable, one with a listener is not. Exit 3: in use; other errors
+# (a broken CALM_PYTHON) speak for themselves.
+probe=0
+"$CALM_PYTHON" -c 'import errno, socket, sys
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("", int(sys.argv[1])))' "$port" 2>/dev/null; then
+try:
+    s.bind(("", int(sys.argv[1])))
+except OSError as err:
+    sys.exit(3 if err.errno == errno.EADDRINUSE else str(err))' "$port" || probe=$?
+if ((probe == 3)); then
     echo "error: rendezvous port $port on $(hostname) is already in use (another job or service):" \
         "set CALM_MASTER_PORT in the site file to a free port" >&2
+    exit 2
+elif ((probe != 0)); then
+    echo "error: could not check rendezvous port $port with $CALM_PYTHON (see above)" >&2
     exit 2
 fi

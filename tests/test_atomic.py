@@ -74,3 +74,29 @@ def test_a_directory_appears_whole_replaces_the_old_one_only_when_complete_and_k
     assert sorted(p.name for p in tmp_path.iterdir()) == ["autoencoder"]
     assert [p.name for p in out.iterdir()] == ["new.txt"] and (out / "new.txt").read_text() == "whole"
     assert out.stat().st_mode & 0o777 == 0o755  # the umask's mode, not mkdtemp's 0700
+
+
+def test_a_writer_killed_between_the_two_renames_is_undone_by_the_next_one(tmp_path):
+    import subprocess
+    import sys
+
+    from calm_dist.common.atomic import atomic_directory
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    out = tmp_path / "autoencoder"
+    aside = tmp_path / f".autoencoder.stale-{dead}-0a1b2c3d"  # the old export, set aside, then the kill
+    aside.mkdir()
+    (aside / "old.txt").write_text("old")
+    half = tmp_path / f".autoencoder.partial-{dead}-0a1b2c3d"  # the new one, never renamed
+    half.mkdir()
+    with pytest.raises(RuntimeError):
+        with atomic_directory(out):
+            raise RuntimeError("this writer fails too")
+    assert (out / "old.txt").read_text() == "old"  # the old directory is back in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["autoencoder"]  # the leftovers are gone
+
+    with pytest.raises(FileExistsError, match="appeared while it was being written"):
+        with atomic_directory(out, replace=False) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["old.txt"]

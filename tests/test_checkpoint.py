@@ -287,6 +287,7 @@ def test_pieces_get_their_saved_state_back_and_a_missing_one_is_named():
     assert fresh.at == 7
     with pytest.raises(KeyError, match=r"rank_00000.pt holds no saved state for \['rng'\]"):
         restore({"data": Position(0), "rng": Position(0)}, saved, "rank_00000.pt")
+    restore({"data": Position(0), "params_total": Recorded(lambda: 0)}, saved, "rank_00000.pt")  # nothing to restore
 
 
 def test_the_saved_layout_follows_from_the_config_and_older_checkpoints_read_the_same():
@@ -304,3 +305,6 @@ def test_the_saved_layout_follows_from_the_config_and_older_checkpoints_read_the
     assert layout_of({**meta, "layout": stored}) == expected
     zero3 = validate(load_config("tiny_calm", []), world_size=2)
     assert layout_of({"config": config_to_dict(zero3), "world_size": 2})["data_parallel"] == 2
+    # Some older versions stored fewer keys (no regime): the config fills them in.
+    fewer = {"world_size": 2, "tensor_parallel": 1, "pipeline_parallel": 1, "data_parallel": 2}
+    assert layout_of({"config": config_to_dict(zero3), "world_size": 2, "layout": fewer})["regime"] == "zero3"

@@ -30,7 +30,7 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=4)
     args = p.parse_args()
 
-    from calm_dist.parallel.launch import init_distributed
+    from calm_dist.parallel.launch import init_distributed, shutdown_distributed
 
     info = init_distributed()
     import torch.distributed as dist
@@ -81,7 +81,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{info.rank}.json").write_text(json.dumps(record, indent=2))
-    dist.barrier()
+    shutdown_distributed(clean=True)  # the barrier, then no gloo teardown left to interpreter exit
 
 
 if __name__ == "__main__":

@@ -13,12 +13,11 @@ from calm_dist.config.schema import ParallelConfig
 def layout_of(meta: dict) -> dict:
     """{"world_size", "regime", "tensor_parallel", "pipeline_parallel", "virtual_stages",
     "data_parallel", "zero_stage"} of the checkpoint whose meta.json is `meta`."""
-    stored = meta.get("layout")
     parallel = {**vars(ParallelConfig()), **meta.get("config", {}).get("parallel", {})}
-    if stored is not None:  # written before the layout was derived
-        return {"virtual_stages": parallel["virtual_pipeline_stages"], **stored}
-    world = meta.get("world_size", 1)
+    world = meta.get("world_size", meta.get("layout", {}).get("world_size", 1))
     tp, pp = parallel["tensor_parallel"], parallel["pipeline_parallel"]
-    return {"world_size": world, "regime": parallel["regime"], "tensor_parallel": tp, "pipeline_parallel": pp,
-            "virtual_stages": parallel["virtual_pipeline_stages"], "data_parallel": world // (tp * pp),
-            "zero_stage": parallel["zero_stage"]}
+    derived = {"world_size": world, "regime": parallel["regime"], "tensor_parallel": tp, "pipeline_parallel": pp,
+               "virtual_stages": parallel["virtual_pipeline_stages"], "data_parallel": world // (tp * pp),
+               "zero_stage": parallel["zero_stage"]}
+    # Written before the layout was derived: what it stored wins (some versions stored fewer keys).
+    return {**derived, **meta.get("layout", {})}

@@ -37,10 +37,12 @@ def states_of(pieces: Mapping[str, Stateful]) -> dict[str, Any]:
 
 
 def restore(pieces: Mapping[str, Stateful], rank_state: Mapping[str, Any], where: str) -> None:
-    """Each piece its saved state; a piece the checkpoint does not hold is an error naming it."""
-    missing = sorted(set(pieces) - set(rank_state))
+    """Each piece its saved state; a piece the checkpoint does not hold is an error naming it
+    (`Recorded` ones excepted: there is nothing to restore)."""
+    missing = sorted(name for name, piece in pieces.items() if name not in rank_state and not isinstance(piece, Recorded))
     if missing:
         raise KeyError(f"{where} holds no saved state for {missing} (it has {sorted(rank_state)}): "
                        "it was not written by this trainer")
     for name, piece in pieces.items():
-        piece.load_state_dict(rank_state[name])
+        if name in rank_state:
+            piece.load_state_dict(rank_state[name])

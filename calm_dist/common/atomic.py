@@ -21,6 +21,8 @@ import shutil
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
+from calm_dist.common.processes import pid_alive
+
 TEMP_MARK = ".tmp"
 
 
@@ -83,28 +85,52 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _recover_directory(out_dir: Path, mark: str) -> None:
+    """Undo what a writer killed inside `atomic_directory` left: the old directory set aside just
+    before the final rename goes back in place if nothing replaced it; temporary directories of
+    writers that are gone are deleted."""
+    for kind in (".stale", mark):
+        for leftover in sorted(out_dir.parent.glob(f".{out_dir.name}{kind}-*")):
+            pid = leftover.name[len(f".{out_dir.name}{kind}-"):].split("-")[0]
+            if not pid.isdigit() or pid_alive(int(pid)):
+                continue
+            if kind == ".stale" and not out_dir.exists():
+                os.rename(leftover, out_dir)
+            else:
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
 @contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike, *, mark: str = ".partial") -> Iterator[Path]:
+def atomic_directory(out_dir: str | os.PathLike, *, mark: str = ".partial", replace: bool = True) -> Iterator[Path]:
     """`with atomic_directory(out) as tmp:` fill `tmp`; on a normal exit its files are flushed to
-    disk and it becomes `out` in one rename, so readers see the old directory or the whole new one.
+    disk and it becomes `out` by a rename, so readers see the old directory or the whole new one.
     An existing `out` is renamed aside only then (and put back if the rename fails), and deleted
-    after. On an error `tmp` is removed and `out` is untouched. `tmp` is created with the umask's
-    mode (not mkdtemp's 0700), so a shared run directory stays readable by the group."""
+    after; `replace=False` refuses to replace one (FileExistsError, `tmp` removed). A writer
+    killed between those two renames leaves the old directory aside, and the next
+    `atomic_directory` of the same `out` puts it back. On an error `tmp` is removed and `out` is
+    untouched. `tmp` is created with the umask's mode (not mkdtemp's 0700), so a shared run
+    directory stays readable by the group."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _recover_directory(out_dir, mark)
     tmp = out_dir.with_name(f".{out_dir.name}{mark}-{os.getpid()}-{secrets.token_hex(4)}")
     tmp.mkdir()
     stale = None
     try:
         yield tmp
-        for path in tmp.rglob("*"):
+        for path in sorted(tmp.rglob("*"), reverse=True):  # files, then the directories holding them
             if path.is_file():
                 fd = os.open(path, os.O_RDONLY)
                 try:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
+            elif path.is_dir():
+                fsync_dir(path)
+        fsync_dir(tmp)
         if out_dir.exists():
+            if not replace:
+                raise FileExistsError(f"{out_dir} appeared while it was being written; nothing was replaced")
             stale = out_dir.with_name(f".{out_dir.name}.stale-{os.getpid()}-{secrets.token_hex(4)}")
             os.rename(out_dir, stale)
         try:
@@ -114,9 +140,11 @@ def atomic_directory(out_dir: str | os.PathLike, *, mark: str = ".partial") -> I
                 os.rename(stale, out_dir)
                 stale = None
             raise
-        fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if stale is not None:
-        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        fsync_dir(out_dir.parent)
+    finally:
+        if stale is not None:
+            shutil.rmtree(stale, ignore_errors=True)

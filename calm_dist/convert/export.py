@@ -112,7 +112,7 @@ def convert_checkpoint(
 
     # An existing out_dir (only with overwrite, refused above otherwise) is retired only once the
     # new directory is complete and verified.
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, replace=overwrite) as tmp:
         ae_path = write_weights(ref, cfg, tmp, DTYPES[dtype], embed_autoencoder)
         if write_tokenizer is not None:
             write_tokenizer(tmp / TOKENIZER_NAME)

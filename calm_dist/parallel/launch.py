@@ -75,6 +75,9 @@ def shutdown_distributed(clean: bool) -> None:
     they first wait for each other; after an error a peer may be gone, so no collective."""
     if not dist.is_initialized():
         return
-    if clean and dist.get_world_size() > 1:
-        dist.barrier()
-    dist.destroy_process_group()
+    try:
+        if clean and dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+    except Exception as err:  # the run's outcome is decided; a teardown problem must not change it
+        logging.getLogger(__name__).warning("process group teardown: %s: %s", type(err).__name__, err)

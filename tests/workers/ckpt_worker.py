@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from calm_dist.parallel.launch import init_distributed
+from calm_dist.parallel.launch import init_distributed, shutdown_distributed
 from calm_dist.checkpoint.manager import CheckpointManager, consolidate_fp32
 from calm_dist.checkpoint.stateful import Recorded
 from calm_dist.training.rng import RngStreams
@@ -200,6 +200,7 @@ def main() -> None:
     phase = phase_train if args.phase == "train" else phase_resume
     phase(args.save_dir, info.rank, info.world_size, out)
     write(out)
+    shutdown_distributed(clean=True)  # as calm-train does: no gloo teardown left to interpreter exit
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch
 
 def main(spec_path: str) -> None:
     from calm_dist.config import load_config, validate
-    from calm_dist.parallel.launch import init_distributed
+    from calm_dist.parallel.launch import init_distributed, shutdown_distributed
     from calm_dist.parallel.state import current_layout, ensure_model_parallel, seed_model_building, seed_training
     from calm_dist.checkpoint.manager import CheckpointManager
     from calm_dist.checkpoint.stateful import Recorded
@@ -70,6 +70,7 @@ def main(spec_path: str) -> None:
                  {"rank": Recorded(lambda: info.rank)})
     if spec.get("reload"):
         torch.save(_reload(engine, manager, cfg, layout, info), out / f"reload_{info.rank}.pt")
+    shutdown_distributed(clean=True)  # as calm-train does: no gloo teardown left to interpreter exit
 
 
 def _reload(engine, manager, cfg, layout, info) -> dict:
