@@ -128,7 +128,8 @@ def test_shellcheck(cluster):
     for path in files:
         rel = str(path.relative_to(REPO_ROOT))
         excluded = [f"--exclude={code}" for code in KNOWN_SHELLCHECK.get(rel, [])]
-        proc = _run(["shellcheck", "--shell=bash", *excluded, path], cluster, check=False)
+        # -x: follow `source` lines that name a file of ours (slurm/rendezvous.sh)
+        proc = _run(["shellcheck", "--shell=bash", "--external-sources", *excluded, path], cluster, check=False)
         assert proc.returncode == 0, f"{rel}:\n{proc.stdout}"
 
 
@@ -144,8 +145,9 @@ def test_train_job_completes(cluster, data, tmp_path):
     assert latest_step(run) == 4 and max(train_steps_logged(run)) == 4
 
 
-@pytest.mark.parametrize("script", ["train.sbatch", "train_srun.sbatch"])
-def test_a_rendezvous_port_in_use_stops_the_job_before_any_rank_starts(cluster, data, tmp_path, script):
+@pytest.mark.parametrize("script, resources", [("train.sbatch", ["-c", "2"]),
+                                               ("train_srun.sbatch", ["-n", "2", "--ntasks-per-node=2", "-c", "1"])])
+def test_a_rendezvous_port_in_use_stops_the_job_before_any_rank_starts(cluster, data, tmp_path, script, resources):
     """One line in the job log names the port and the fix, the job fails at once (no rendezvous
     timeout) and nothing is written."""
     run, log = tmp_path / "run", tmp_path / "train.out"
@@ -153,7 +155,7 @@ def test_a_rendezvous_port_in_use_stops_the_job_before_any_rank_starts(cluster, 
         busy.bind(("", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        jid = sbatch(cluster, "-c", "2", "-o", log, SLURM / script, "--config", "tiny_baseline", *data,
+        jid = sbatch(cluster, *resources, "-o", log, SLURM / script, "--config", "tiny_baseline", *data,
                      f"training.output_dir={run}", GPUS_PER_NODE="2", CALM_MASTER_PORT=str(port))
         wait_gone(cluster, jid, timeout=60)
     text = log.read_text()
