@@ -9,114 +9,45 @@ stops the cluster itself. ~3 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import socket
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.dist_utils import REPO_ROOT
+from tests.slurm_utils import (
+    SLURM,
+    job,
+    latest_step,
+    sbatch,
+    started_cluster,
+    train_steps_logged,
+    wait_gone,
+    wait_requeued,
+    wait_training,
+)
+from tests.slurm_utils import run as _run
 from tests.train_utils import TINY, prepared_corpus_overrides
 
 pytestmark = pytest.mark.slurm
 
-CI = REPO_ROOT / "tools" / "slurm_ci.sh"
-SLURM = REPO_ROOT / "slurm"
 # shellcheck findings in files outside this feature, to fix there (then remove the entry).
 KNOWN_SHELLCHECK: dict[str, list[str]] = {}  # file -> shellcheck codes tolerated there (none today)
 
 
-def _run(args, env, check=True, timeout=120, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(a) for a in args], env=env, capture_output=True, text=True, timeout=timeout,
-                          cwd=kw.pop("cwd", REPO_ROOT), **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args[0]} exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A started cluster; yields the environment for sbatch (SLURM_CONF, a CI site file, ...)."""
-    if os.geteuid() != 0 and not (shutil.which("slurmctld") and shutil.which("shellcheck")):
-        pytest.fail("the SLURM tests need root (or slurm-wlm, munge and shellcheck installed); "
-                    'deselect them with -m "not gpu and not slurm"')
-    base = tmp_path_factory.mktemp("slurm")
-    # OMP_NUM_THREADS=1 as clusters export it: the node must still get every CPU of the machine.
-    env = {**os.environ, "SLURM_CI_BASE": str(base / "cluster"), "OMP_NUM_THREADS": "1"}
-    t0 = time.monotonic()
-    started = _run(["bash", CI, "start"], env, timeout=600)
-    conf = re.search(r"export SLURM_CONF=(\S+)", started.stdout)
-    assert conf, started.stdout + started.stderr
-    site = base / "site.sh"  # the example, without GPU options (the CI node has none)
-    site.write_text(f"CALM_SBATCH_ARGS=()\nsource {SLURM / 'site.sh.example'}\n")
-    env.update(SLURM_CONF=conf.group(1), CALM_SITE=str(site), CALM_ROOT=str(REPO_ROOT), CALM_PYTHON=sys.executable,
-               PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", GPUS_PER_NODE="1")
-    print(f"cluster up in {time.monotonic() - t0:.1f} s")
-    try:
+    """A started one-node cluster; yields the environment for sbatch (SLURM_CONF, a CI site file, ...)."""
+    with started_cluster(tmp_path_factory.mktemp("slurm"), nodes=1) as env:
         yield env
-    finally:
-        _run(["bash", CI, "stop"], env, check=False)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> list[str]:
     return prepared_corpus_overrides(tmp_path_factory.mktemp("corpus")) + TINY
-
-
-def sbatch(env, *args, **extra_env) -> int:
-    out = _run(["sbatch", "--parsable", *args], {**env, **extra_env}).stdout.strip()
-    return int(out.split(";")[0])
-
-
-def job(env, jid: int) -> dict[str, str]:
-    text = _run(["scontrol", "show", "job", "-o", jid], env).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", text))
-
-
-def state(env, jid: int) -> str:
-    return _run(["squeue", "-h", "-j", jid, "-o", "%T"], env, check=False).stdout.strip()
-
-
-# Pending reasons that no amount of waiting changes on this cluster.
-NEVER_STARTS = ("BadConstraints", "PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "InvalidQOS")
-
-
-def assert_can_start(env, jid: int) -> None:
-    """Fail at once, with SLURM's reason, for a pending job that will never start (e.g. it asks
-    for more CPUs than the cluster has), instead of waiting out a timeout with an empty log."""
-    info = job(env, jid)
-    if info.get("JobState") != "PENDING":
-        return
-    nodes = _run(["scontrol", "show", "node", "-o"], env).stdout
-    total = sum(int(n) for n in re.findall(r"CPUTot=(\d+)", nodes))
-    wanted = int(info.get("NumCPUs") or 0)
-    reason = info.get("Reason", "")
-    assert reason not in NEVER_STARTS and wanted <= total, (
-        f"job {jid} cannot start: pending ({reason}), it asks for {wanted} CPUs and the cluster has {total}")
-
-
-def wait_gone(env, *jids: int, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while any(state(env, j) for j in jids):
-        for j in jids:
-            assert_can_start(env, j)
-        assert time.monotonic() < deadline, f"jobs {jids} still queued after {timeout} s"
-        time.sleep(0.5)
-
-
-def latest_step(run: Path) -> int:
-    ckpt = run / "checkpoints"
-    return json.loads((ckpt / (ckpt / "latest").read_text().strip() / "meta.json").read_text())["train_state"]["step"]
-
-
-def train_steps_logged(run: Path) -> list[int]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r["step"] for r in rows if r.get("kind") == "train"]
 
 
 def test_shellcheck(cluster):
@@ -181,19 +112,10 @@ def test_pre_end_signal_saves_requeues_and_resumes(cluster, data, tmp_path):
     jid = sbatch(cluster, "-c", "2", "-o", log, SLURM / "train.sbatch", "--config", "tiny_baseline", *data,
                  f"training.train_steps={total}", "training.eval_interval=1000", f"training.output_dir={run}",
                  GPUS_PER_NODE="2")
-    deadline = time.monotonic() + 120
-    while not (run / "metrics.jsonl").exists() or not train_steps_logged(run):
-        assert state(cluster, jid) in ("PENDING", "RUNNING"), log.read_text()[-4000:] if log.exists() else "no log"
-        assert_can_start(cluster, jid)
-        assert time.monotonic() < deadline, "no training step after 120 s"
-        time.sleep(0.2)
+    wait_training(cluster, jid, run, log)
     # What SLURM sends before the time limit with --signal=B:USR1@N, delivered now to the batch shell.
     _run(["scancel", "--signal=USR1", "--batch", jid], cluster)
-    deadline = time.monotonic() + 120
-    while not (state(cluster, jid) == "PENDING" and job(cluster, jid).get("Restarts") == "1"):
-        assert time.monotonic() < deadline, f"not requeued: {state(cluster, jid)}\n{log.read_text()[-4000:]}"
-        time.sleep(0.3)
-    _run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], cluster)  # skip the ~121 s requeue hold
+    wait_requeued(cluster, jid, 1, log)
     wait_gone(cluster, jid)
     text = log.read_text()
     info = job(cluster, jid)
