@@ -12,7 +12,6 @@ comes back. What it cannot: NCCL, InfiniBand, GPUs, more than one CPU per node.
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -108,3 +107,114 @@ def test_two_nodes_train_like_one_node(cluster, data, single_node, tmp_path, scr
     assert "nodes=ci-n[1-2]" in text and "on 2 node(s)" in text
     assert {"ci-n1", "ci-n2"} <= set(re.findall(r"@(ci-n\d)\]", text))  # every node's ranks speak
     assert_same_as_single_node(run_dir, single_node, tmp_path)
+
+
+def test_preemption_on_two_nodes_saves_requeues_and_resumes_to_the_same_result(cluster, data, single_node, tmp_path):
+    """USR1 (SLURM's pre-end signal) -> every rank on both nodes saves -> the job requeues itself ->
+    it resumes on both nodes; losses and weights equal the uninterrupted single-node run's."""
+    run_dir, log = tmp_path / "run", tmp_path / "train.out"
+    jid = submit(cluster, data, "train.sbatch", run_dir, log)
+    wait_training(cluster, jid, run_dir, log)
+    run(["scancel", "--signal=USR1", "--batch", jid], cluster)
+    wait_requeued(cluster, jid, 1, log)
+    wait_gone(cluster, jid)
+    text = log.read_text()
+    info = job(cluster, jid)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log_of(cluster, jid, log)
+    stopped = re.search(r"stopped at step (\d+): requeueing", text)
+    assert stopped, f"the job finished before the signal took effect:\n{text[-4000:]}"
+    stop_step = int(stopped.group(1))
+    assert 0 < stop_step < STEPS and f"resumed from global_step{stop_step} at step {stop_step}" in text
+    assert_same_as_single_node(run_dir, single_node, tmp_path)
+
+
+def trainer_pids(node: str) -> list[int]:
+    """The training processes (not torchrun's agent) running on a node of the cluster."""
+    listed = subprocess.run(["ip", "netns", "pids", node], capture_output=True, text=True, check=True).stdout
+    pids = []
+    for pid in listed.split():
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"calm_dist.train" in argv and b"torch.distributed.run" not in argv:
+            pids.append(int(pid))
+    return pids
+
+
+def first_step_after(run_dir: Path, step: int, since: float, timeout: float = 120) -> float:
+    """Seconds from `since` until the run logs a training step numbered `step` + 1 again."""
+    deadline = time.monotonic() + timeout
+    seen = len(train_steps_logged(run_dir))
+    while True:
+        later = train_steps_logged(run_dir)[seen:]
+        if step + 1 in later:
+            return time.monotonic() - since
+        assert time.monotonic() < deadline, f"no step {step + 1} after the restart"
+        time.sleep(0.1)
+
+
+def record(figures: dict, name: str) -> None:
+    """The failure figures the README quotes, printed and kept beside the test's files."""
+    print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in figures.items()))
+
+
+def test_a_killed_rank_ends_the_job_which_requeues_itself_and_resumes_to_the_same_result(
+        cluster, data, single_node, tmp_path):
+    """kill -9 of the trainer on node 2 mid-run: the other node's rank fails at once (its collective
+    loses the peer), the job ends, requeues itself (CALM_RESTARTS_ON_FAILURE, default 2) and resumes
+    from the newest complete checkpoint to the same result as an uninterrupted run."""
+    run_dir, log = tmp_path / "run", tmp_path / "train.out"
+    jid = submit(cluster, data, "train.sbatch", run_dir, log)
+    wait_training(cluster, jid, run_dir, log, min_step=12)  # past the checkpoint at step 10
+    pids = trainer_pids(NODE2)
+    assert len(pids) == 1, pids
+    subprocess.run(["kill", "-9", str(pids[0])], check=True)
+    failed_at, failed_step = time.monotonic(), max(train_steps_logged(run_dir))
+    while state(cluster, jid) != "PENDING":  # the job ended and requeued itself
+        assert time.monotonic() - failed_at < 120, log_of(cluster, jid, log)
+        time.sleep(0.2)
+    ended = time.monotonic() - failed_at
+    resume_step = latest_step(run_dir)
+    wait_requeued(cluster, jid, 1, log)
+    released = time.monotonic()
+    to_resume = first_step_after(run_dir, resume_step, released)
+    wait_gone(cluster, jid)
+    text = log.read_text()
+    assert job(cluster, jid)["JobState"] == "COMPLETED", log_of(cluster, jid, log)
+    assert "the trainer failed (exit" in text and "restart 1 of 2 after failures" in text
+    assert f"resumed from global_step{resume_step} at step {resume_step}" in text
+    assert len((run_dir / "failures.log").read_text().splitlines()) == 1
+    assert_same_as_single_node(run_dir, single_node, tmp_path)
+    record({"failure to job end": f"{ended:.1f} s", "steps lost": failed_step - resume_step,
+            "requeue release to first step": f"{to_resume:.1f} s"}, "killed rank")
+
+
+def test_a_crashed_node_ends_the_job_and_slurm_requeues_it_to_the_same_result(cluster, data, single_node, tmp_path):
+    """Node 2 dies (every process on it, slurmd included, gets SIGKILL): the job ends within
+    SlurmdTimeout plus a few seconds (NODE_FAIL), SLURM requeues it (--requeue), it waits for the
+    node, and when the node is back it resumes from the newest complete checkpoint to the end."""
+    run_dir, log = tmp_path / "run", tmp_path / "train.out"
+    jid = submit(cluster, data, "train.sbatch", run_dir, log)
+    wait_training(cluster, jid, run_dir, log, min_step=12)
+    ci = {**cluster}
+    run(["bash", CI, "crash-node", NODE2], ci)
+    failed_at, failed_step = time.monotonic(), max(train_steps_logged(run_dir))
+    while state(cluster, jid) != "PENDING":
+        assert time.monotonic() - failed_at < 120, log_of(cluster, jid, log)
+        time.sleep(0.2)
+    ended = time.monotonic() - failed_at
+    resume_step = latest_step(run_dir)
+    node = run(["scontrol", "show", "node", NODE2, "-o"], cluster).stdout
+    assert "State=DOWN" in node or "NOT_RESPONDING" in node, node
+    run(["bash", CI, "restart-node", NODE2], ci)
+    wait_requeued(cluster, jid, int(job(cluster, jid)["Restarts"]), log)
+    released = time.monotonic()
+    to_resume = first_step_after(run_dir, resume_step, released, timeout=180)
+    wait_gone(cluster, jid)
+    text = log.read_text()
+    assert job(cluster, jid)["JobState"] == "COMPLETED", log_of(cluster, jid, log)
+    assert f"resumed from global_step{resume_step} at step {resume_step}" in text
+    assert_same_as_single_node(run_dir, single_node, tmp_path)
+    record({"failure to job end": f"{ended:.1f} s", "steps lost": failed_step - resume_step,
+            "node back to first step": f"{to_resume:.1f} s"}, "crashed node")
