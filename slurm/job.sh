@@ -32,6 +32,16 @@ except (OSError, ValueError, KeyError):
 EOF
 }
 
+# The config, validated for this job's world size before any rank starts: a refusal is one line
+# here and exit 2, not one traceback per rank and a job that requeues itself to repeat it.
+# `launcher` (set by the script before sourcing this file): torchrun starts GPUS_PER_NODE ranks
+# per node; srun starts one rank per task.
+if [[ ${launcher:-} == torchrun ]]; then world=$((SLURM_NNODES * GPUS_PER_NODE)); else world=$SLURM_NTASKS; fi
+if ! WORLD_SIZE=$world RANK=0 LOCAL_RANK=0 "$CALM_PYTHON" -m calm_dist.train --dry-run "$@" >/dev/null; then
+    echo "error: the training config was refused for $world rank(s) (above); no rank was started" >&2
+    exit 2
+fi
+
 restarts=${SLURM_RESTART_COUNT:-0}
 read -r start_step _ < <(progress "$out")
 echo "[$(date -Is)] job $SLURM_JOB_ID SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-unset} nodes=$SLURM_JOB_NODELIST" \
@@ -108,7 +118,7 @@ run_trainer() {
 # The trainer exited with $rc: finished, requeue, or stop. "Finished" means the step in `latest`
 # reached training.train_steps (both read from the checkpoint's meta.json).
 finish_job() {
-    local step total failures
+    local step total
     read -r step total < <(progress "$out")
     echo "[$(date -Is)] trainer exited with $rc at step $step of $total"
     if ((total > 0 && step >= total)); then
@@ -137,13 +147,22 @@ finish_job() {
     if ((rc == 2)); then
         exit 2
     fi
+    local failures last
     failures=$(grep -c "^job $SLURM_JOB_ID " "$out/failures.log" 2>/dev/null || true)
+    last=$(grep "^job $SLURM_JOB_ID " "$out/failures.log" 2>/dev/null | tail -n 1 | sed -n 's/.*checkpoint at step \([0-9]*\)$/\1/p')
+    mkdir -p "$out"
+    echo "job $SLURM_JOB_ID failed at $(date -Is) with exit $rc, newest checkpoint at step $step" >>"$out/failures.log"
     if ((${failures:-0} >= CALM_RESTARTS_ON_FAILURE)); then
         echo "error: the trainer failed (exit $rc) at step $step; not requeueing: $failures restart(s) after" \
             "failures already (CALM_RESTARTS_ON_FAILURE=$CALM_RESTARTS_ON_FAILURE)" >&2
         exit "$rc"
     fi
-    echo "job $SLURM_JOB_ID failed at $(date -Is) with exit $rc, newest checkpoint at step $step" >>"$out/failures.log"
+    # Failing again from the same checkpoint: a restart would repeat it (bad data, a bug), not heal it.
+    if [[ -n $last ]] && ((last == step)); then
+        echo "error: the trainer failed (exit $rc) again from the checkpoint at step $step; not requeueing" \
+            "(no progress since the last failure: see the errors above)" >&2
+        exit "$rc"
+    fi
     echo "[$(date -Is)] the trainer failed (exit $rc); requeueing job $SLURM_JOB_ID to resume from step $step" \
         "(restart $((${failures:-0} + 1)) of $CALM_RESTARTS_ON_FAILURE after failures)"
     scontrol requeue "$SLURM_JOB_ID"

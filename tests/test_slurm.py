@@ -95,6 +95,21 @@ def test_a_rendezvous_port_in_use_stops_the_job_before_any_rank_starts(cluster, 
     assert not run.exists()
 
 
+def test_a_config_the_job_cannot_run_stops_it_before_any_rank_starts(cluster, data, tmp_path):
+    """The config is validated for the job's world size (2 ranks here) in the batch shell: one line
+    naming the setting, exit 2, no rank started, nothing written, no requeue."""
+    run, log = tmp_path / "run", tmp_path / "train.out"
+    jid = sbatch(cluster, "-c", "2", "-o", log, SLURM / "train.sbatch", "--config", "tiny_baseline", *data,
+                 "training.global_batch_size=4", f"training.output_dir={run}", GPUS_PER_NODE="2")
+    wait_gone(cluster, jid, timeout=60)
+    text = log.read_text()
+    info = job(cluster, jid)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0" and info["Restarts"] == "0", text[-3000:]
+    assert "calm-train: error: training.global_batch_size (4) must be a multiple" in text
+    assert "the training config was refused for 2 rank(s)" in text and "rendezvous" not in text
+    assert not run.exists()
+
+
 def test_train_srun_per_gpu_job_completes(cluster, data, tmp_path):
     """One task per rank (SLURM_PROCID -> rank), MASTER_ADDR/PORT from the script; no torchrun."""
     run, log = tmp_path / "run", tmp_path / "train.out"

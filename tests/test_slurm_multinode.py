@@ -70,7 +70,8 @@ def single_node(data, tmp_path_factory) -> dict:
     """The same run on one node: 2 processes under torchrun (no SLURM), its losses and weights."""
     root = tmp_path_factory.mktemp("single")
     train(data, "tiny_baseline", root / "run", *RUN, nproc=2)
-    return {"losses": run_losses(root / "run"), "weights": convert(root / "run", root / "converted")}
+    return {"losses": run_losses(root / "run"), "weights": convert(root / "run", root / "converted"),
+            "converted": root / "converted"}
 
 
 def submit(cluster, data, script: str, run_dir: Path, log: Path, *extra: str, nodes: int = 2, **env) -> int:
@@ -218,3 +219,61 @@ def test_a_crashed_node_ends_the_job_and_slurm_requeues_it_to_the_same_result(cl
     assert_same_as_single_node(run_dir, single_node, tmp_path)
     record({"failure to job end": f"{ended:.1f} s", "steps lost": failed_step - resume_step,
             "node back to first step": f"{to_resume:.1f} s"}, "crashed node")
+
+
+def test_pipeline_stages_on_two_nodes_train_like_one_process(cluster, data, single_node, tmp_path):
+    """The 3d regime with PP = 2 across the nodes (stage 0 on ci-n1, stage 1 on ci-n2; activations
+    and gradients cross between the nodes): losses equal one process's from the same weights."""
+    common = ["parallel.regime=3d", "parallel.zero_stage=0", "training.train_steps=4", "training.eval_interval=1000",
+              f"training.init_weights={single_node['converted']}"]
+    run_dir, log = tmp_path / "run", tmp_path / "train.out"
+    jid = submit(cluster, data, "train.sbatch", run_dir, log, *common, "parallel.pipeline_parallel=2")
+    train(data, "tiny_baseline", tmp_path / "one", *common, nproc=1)
+    wait_gone(cluster, jid)
+    text = log.read_text()
+    assert job(cluster, jid)["JobState"] == "COMPLETED", log_of(cluster, jid, log)
+    assert "TP 1 x PP 2 x DP 1" in text and "on 2 node(s)" in text
+    two_nodes, one = run_losses(run_dir), run_losses(tmp_path / "one")
+    assert sorted(two_nodes) == [1, 2, 3, 4]
+    assert [two_nodes[s] for s in range(1, 5)] == pytest.approx([one[s] for s in range(1, 5)], rel=2e-5, abs=1e-6)
+
+
+def test_a_sweep_array_whose_tasks_each_take_two_nodes(cluster, data, tmp_path):
+    """calm-sweep submits one job array; slurm.sbatch_args gives every task both nodes."""
+    import yaml
+
+    sweep = {"name": "two_node_tasks", "base": ["tiny_baseline"], "world_size": 2,
+             "overrides": [*data, *TINY, "training.micro_batch_size=2", "training.eval_steps=2",
+                           "training.save_interval=100"],
+             "sizes": {"a": {"hidden_size": 32, "num_layers": 1}},
+             "axes": {"model": ["a"], "tokens": [768, 1536]},
+             "slurm": {"sbatch_args": ["--nodes=2"]}}
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    cli = [sys.executable, "-m", "calm_dist.sweep.cli"]
+    run([*cli, "plan", spec, "--out", tmp_path / "sw"], cluster)
+    jid = int(re.search(r"(\d+)", run([*cli, "submit", tmp_path / "sw", "--slurm"], cluster).stdout).group(1))
+    deadline = time.monotonic() + 300
+    while run(["squeue", "-h"], cluster, check=False).stdout.strip():
+        assert time.monotonic() < deadline, run(["squeue"], cluster).stdout
+        time.sleep(1)
+    status = run([*cli, "status", tmp_path / "sw"], cluster).stdout
+    assert "2 finished" in status, status
+    logs = sorted((tmp_path / "sw").glob(f"slurm-{jid}_*.out"))
+    assert len(logs) == 2 and all("on 2 node(s)" in p.read_text() for p in logs), [p.name for p in logs]
+
+
+def test_a_node_that_cannot_reach_the_rendezvous_stops_the_job_before_any_rank_starts(cluster, data, tmp_path):
+    """CALM_MASTER_ADDR that no node reaches (an address nobody holds on the nodes' network): each
+    node says so in one line, the job fails with exit 2 before any rank starts, nothing trains."""
+    run_dir, log = tmp_path / "run", tmp_path / "train.out"
+    unreachable = cluster.get("SLURM_CI_SUBNET", "10.77.0") + ".99"  # the nodes' subnet, no one there
+    jid = submit(cluster, data, "train.sbatch", run_dir, log, CALM_MASTER_ADDR=unreachable)
+    wait_gone(cluster, jid, timeout=90)
+    text = log.read_text()
+    info = job(cluster, jid)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", log_of(cluster, jid, log)
+    for node in ("ci-n1", "ci-n2"):
+        assert f"error: node {node} cannot reach the rendezvous {unreachable}:" in text, text[-3000:]
+    assert "set CALM_MASTER_ADDR in the site file" in text and "no rank was started" in text
+    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "checkpoints").exists()
