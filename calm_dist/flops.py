@@ -256,7 +256,7 @@ def peak_tflops(device_name: str, precision: str, override: float = 0.0) -> Opti
     peak = peaks.get(precision) if peaks else None
     if peak is None:
         where = "a CPU" if device_name.lower() in ("", "cpu") else f"{device_name!r} at {precision}"
-        logger.warning(
+        logger.info(  # a note for the job (rank 0 logs INFO), not a warning on every rank
             "MFU not reported: no peak TFLOP/s known for %s. Set logging.peak_tflops=<dense peak "
             "TFLOP/s of one device at this precision> to report it.", where,
         )

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     # lazy: the trainer imports megatron-core, the data loader and more (seconds); config errors come first
     from calm_dist.training.trainer import Trainer, TrainingStopped
 
-    info = init_distributed(cfg.training.device)
+    info = init_distributed(cfg.training.device, timeout_minutes=cfg.training.collective_timeout_minutes)
     clean = False
     try:
         job = describe_job(cfg, info)  # a collective: every rank

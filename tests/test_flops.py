@@ -173,7 +173,7 @@ def test_peak_table(name, precision, peak):
 
 def test_peak_unknown_cpu_and_override(caplog):
     peak_tflops.cache_clear()
-    with caplog.at_level(logging.WARNING, logger="calm_dist.flops"):
+    with caplog.at_level(logging.INFO, logger="calm_dist.flops"):
         assert peak_tflops("cpu", "fp32") is None
         assert peak_tflops("cpu", "fp32") is None  # the note comes once
         assert peak_tflops("NVIDIA A10G", "bf16") is None  # not the A10

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from calm_dist.common.job_log import short_hostname
 from calm_dist.config.schema import LoggingConfig
 from calm_dist.training.metrics import MetricsLogger, format_metrics_line, is_interactive
 from calm_dist.training.telemetry import GpuTelemetry, memory_stats
@@ -59,7 +60,8 @@ def test_jsonl_lines_are_valid_and_complete(tmp_path, capsys):
     assert records[0]["tok_per_s"] == TRAIN["tok_per_s"]
     assert records[1]["loss"] is None  # non-finite -> null
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("step 10/2000 | loss 19.84") and out[2].startswith("eval  step 20/2000")
+    prefix = f"[rank0@{short_hostname()}] "  # a job of 2 ranks: each line names its rank and host
+    assert out[0].startswith(prefix + "step 10/2000 | loss 19.84") and out[2].startswith(prefix + "eval  step 20/2000")
     assert not any("\r" in line for line in out)  # plain lines: no progress bar in logs
 
 

@@ -157,6 +157,10 @@ class TrainingConfig:
     # Stopping: SIGTERM/SIGUSR1 always save and exit 0; a wall-clock budget does the same.
     wall_clock_minutes: float = 0.0  # 0: no budget
     max_bad_steps: int = 5  # NaN/inf losses in a row before the run stops (with a checkpoint)
+    # How long a rank waits in one collective for its peers before it fails (the process group's
+    # timeout). A peer that died closes its sockets and fails the others at once; this bounds the
+    # wait on one that hangs or a network that dropped. Longer than the slowest checkpoint save.
+    collective_timeout_minutes: float = 30.0
 
 
 @dataclass

@@ -55,7 +55,7 @@ _POSITIVE = (
     "model.rms_norm_eps", "model.init_std", "autoencoder.patch_size", "autoencoder.latent_size",
     "autoencoder.hidden_size", "autoencoder.rms_norm_eps", "autoencoder.init_std", "data.seq_length",
     "training.micro_batch_size", "training.save_interval", "training.eval_interval",
-    "training.keep_last", "logging.log_interval", "parallel.tensor_parallel",
+    "training.keep_last", "training.collective_timeout_minutes", "logging.log_interval", "parallel.tensor_parallel",
     "parallel.pipeline_parallel", "parallel.virtual_pipeline_stages", "optimizer.lr", "optimizer.eps",
 )
 _NON_NEGATIVE = (

@@ -18,7 +18,7 @@ from calm_dist.compat.megatron_cpu import apply_cpu_compat
 
 
 def ensure_model_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234,
-                          virtual_pipeline: int = 1):
+                          virtual_pipeline: int = 1, timeout_minutes: float = 30.0):
     """Make megatron layers buildable in this process; idempotent.
 
     - no `torch.distributed` group yet: start a single-process one (world size 1) on an
@@ -44,6 +44,7 @@ def ensure_model_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1, 
             tensor_model_parallel_size=tensor_parallel,
             pipeline_model_parallel_size=pipeline_parallel,
             virtual_pipeline_model_parallel_size=virtual_pipeline if virtual_pipeline > 1 else None,
+            distributed_timeout_minutes=timeout_minutes,  # the TP/PP/DP groups' collectives
         )
     sizes = (
         parallel_state.get_tensor_model_parallel_world_size(),

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
+from calm_dist.common.job_log import short_hostname
 from calm_dist.config.schema import LoggingConfig
 
 # ---- the console line ------------------------------------------------------------------------------
@@ -153,6 +154,8 @@ class MetricsLogger:
         self.rank = rank
         self.total_steps = total_steps
         self.enabled = rank == 0
+        # In a job of several ranks every console line names its rank and host, as the log lines do.
+        self._prefix = f"[rank{rank}@{short_hostname()}] " if world_size > 1 else ""
         self._start = time.time()
         self._jsonl = self._tensorboard = self._wandb = self._bar = None
         if not self.enabled:
@@ -274,7 +277,7 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.write(text, file=sys.stdout)
         else:
-            print(text, flush=True)
+            print(self._prefix + text, flush=True)
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -137,7 +137,8 @@ class Trainer:
         check_data_matches_model(cfg)
         check_shard_files(cfg, info.rank, info.world_size)
         par = cfg.parallel
-        ensure_model_parallel(par.tensor_parallel, par.pipeline_parallel, cfg.training.seed, par.virtual_pipeline_stages)
+        ensure_model_parallel(par.tensor_parallel, par.pipeline_parallel, cfg.training.seed, par.virtual_pipeline_stages,
+                              cfg.training.collective_timeout_minutes)
         # Data and evaluation blocks are split over the data-parallel replicas: the tensor ranks
         # and pipeline stages of one replica read the same batches (zero3: every rank is a replica).
         self.layout = layout = current_layout()
