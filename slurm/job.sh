@@ -55,7 +55,8 @@ source "$CALM_ROOT/slurm/rendezvous.sh"
 # rendezvous address, or does not see the output directory (checkpoints need a file system every
 # node mounts), would otherwise show up as a rendezvous timeout or a checkpoint no node can resume.
 preflight() {
-    local marker="$out/.preflight-$SLURM_JOB_ID" ready="$out/.preflight-$SLURM_JOB_ID.listening" listener rc=0
+    local marker="$out/.preflight-$SLURM_JOB_ID" ready="$out/.preflight-$SLURM_JOB_ID.listening" listener rc=0 made=""
+    [[ -d $out ]] || made=1
     mkdir -p "$out" && : >"$marker"
     # A stand-in for the rendezvous store on this node, on its port, while the nodes connect.
     "$CALM_PYTHON" -c 'import pathlib, socket, sys
@@ -87,6 +88,7 @@ sys.exit(2 if errors else 0)' "$addr" "$port" "$marker" || rc=$?
     wait "$listener" 2>/dev/null || true
     rm -f "$marker" "$ready"
     if ((rc != 0)); then
+        [[ -z $made ]] || rmdir "$out" 2>/dev/null || true  # a failed job leaves no empty run directory
         echo "error: the nodes' check failed (above); no rank was started" >&2
         exit 2
     fi
@@ -149,7 +151,8 @@ finish_job() {
     fi
     local failures last
     failures=$(grep -c "^job $SLURM_JOB_ID " "$out/failures.log" 2>/dev/null || true)
-    last=$(grep "^job $SLURM_JOB_ID " "$out/failures.log" 2>/dev/null | tail -n 1 | sed -n 's/.*checkpoint at step \([0-9]*\)$/\1/p')
+    last=$(grep "^job $SLURM_JOB_ID " "$out/failures.log" 2>/dev/null | tail -n 1 \
+        | sed -n 's/.*checkpoint at step \([0-9]*\)$/\1/p' || true)  # pipefail: no file yet is fine
     mkdir -p "$out"
     echo "job $SLURM_JOB_ID failed at $(date -Is) with exit $rc, newest checkpoint at step $step" >>"$out/failures.log"
     if ((${failures:-0} >= CALM_RESTARTS_ON_FAILURE)); then

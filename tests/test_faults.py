@@ -278,6 +278,42 @@ def test_sigusr1_to_the_ranks_saves_and_torchrun_exits_0(data, tmp_path):
     assert step > 0 and meta["step"] == step
 
 
+def test_a_hung_rank_fails_its_peer_after_the_collective_timeout(data, tmp_path):
+    """A rank that stops answering (SIGSTOP, as a hung process or a dropped network looks to its
+    peers) makes the other rank fail in its next collective after training.collective_timeout_minutes,
+    not hang: the bound the SLURM docs promise."""
+    run, timeout_s = tmp_path / "run", 6.0
+    launcher = subprocess.Popen(_command(data, run, "training.train_steps=10000", "training.save_interval=10000",
+                                         "training.eval_steps=0", f"training.collective_timeout_minutes={timeout_s / 60}"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env())
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not (run / "metrics.jsonl").is_file():
+            assert launcher.poll() is None, launcher.stderr.read()[-3000:]
+            time.sleep(0.2)
+        workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2, workers
+        rank1 = [int(w) for w in workers if b"RANK=1\0" in Path(f"/proc/{w}/environ").read_bytes()]
+        assert len(rank1) == 1
+        os.kill(rank1[0], signal.SIGSTOP)
+        stopped = time.monotonic()
+        failed = None
+        for line in launcher.stderr:  # rank 0's error comes as the collective gives up
+            if "imed out" in line:  # gloo: "Timed out waiting 6000ms for recv operation"
+                failed = time.monotonic() - stopped
+                break
+        assert failed is not None, "rank 0 never reported a timed-out collective"
+        assert timeout_s * 0.8 <= failed <= timeout_s + 30, failed
+    finally:
+        for pid in [launcher.pid, *map(int, subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True,
+                                                           text=True).stdout.split())]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        launcher.wait()
+
+
 def _kill_at_a_random_moment(launcher: subprocess.Popen, checkpoints: Path, rng: random.Random, in_save: bool) -> bool:
     """kill -9 the launcher and its ranks: inside a save (a `.partial` directory exists) or at a
     random moment; False when the run finished first."""

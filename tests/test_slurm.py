@@ -1,7 +1,7 @@
 """The SLURM scripts against a real single-node SLURM cluster (tools/slurm_ci.sh: Debian's slurm-wlm
 and munge on localhost, no cgroups). Needs root, or slurm-wlm, munge and shellcheck installed and a
 way to start the daemons; the module fixture installs what is missing (apt-get) and starts and
-stops the cluster itself. ~3 minutes on 2 CPU cores.
+stops the cluster itself. ~3 minutes on 2 CPU cores. The two-node tests: test_slurm_multinode.py.
 
     python -m pytest -m slurm tests/test_slurm.py
 """
@@ -27,7 +27,6 @@ from tests.slurm_utils import (
     train_steps_logged,
     wait_gone,
     wait_requeued,
-    wait_training,
 )
 from tests.slurm_utils import run as _run
 from tests.train_utils import TINY, prepared_corpus_overrides
@@ -110,6 +109,23 @@ def test_a_config_the_job_cannot_run_stops_it_before_any_rank_starts(cluster, da
     assert not run.exists()
 
 
+def test_a_failure_is_retried_once_then_not_again_from_the_same_checkpoint(cluster, data, tmp_path):
+    """A trainer that fails (missing training data, found by the ranks): the job requeues itself
+    once (CALM_RESTARTS_ON_FAILURE), fails again from the same checkpoint and then stops, FAILED,
+    saying why; both failures are in <output_dir>/failures.log."""
+    run, log = tmp_path / "run", tmp_path / "train.out"
+    jid = sbatch(cluster, "-c", "2", "-o", log, SLURM / "train.sbatch", "--config", "tiny_baseline", *data,
+                 f"data.train_path={tmp_path / 'no_such_data'}", f"training.output_dir={run}", GPUS_PER_NODE="2")
+    wait_requeued(cluster, jid, 1, log)
+    wait_gone(cluster, jid)
+    text = log.read_text()
+    info = job(cluster, jid)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "1", text[-3000:]
+    assert "requeueing job" in text and "(restart 1 of 2 after failures)" in text
+    assert "failed (exit 1) again from the checkpoint at step 0; not requeueing" in text
+    assert len((run / "failures.log").read_text().splitlines()) == 2
+
+
 def test_train_srun_per_gpu_job_completes(cluster, data, tmp_path):
     """One task per rank (SLURM_PROCID -> rank), MASTER_ADDR/PORT from the script; no torchrun."""
     run, log = tmp_path / "run", tmp_path / "train.out"
@@ -120,29 +136,6 @@ def test_train_srun_per_gpu_job_completes(cluster, data, tmp_path):
     assert job(cluster, jid)["JobState"] == "COMPLETED", text[-4000:]
     assert "2 rank(s)" in text and latest_step(run) == 2
     assert json.loads((run / "checkpoints" / "global_step2" / "meta.json").read_text())["world_size"] == 2
-
-
-def test_pre_end_signal_saves_requeues_and_resumes(cluster, data, tmp_path):
-    run, log, total = tmp_path / "run", tmp_path / "train.out", 80
-    jid = sbatch(cluster, "-c", "2", "-o", log, SLURM / "train.sbatch", "--config", "tiny_baseline", *data,
-                 f"training.train_steps={total}", "training.eval_interval=1000", f"training.output_dir={run}",
-                 GPUS_PER_NODE="2")
-    wait_training(cluster, jid, run, log)
-    # What SLURM sends before the time limit with --signal=B:USR1@N, delivered now to the batch shell.
-    _run(["scancel", "--signal=USR1", "--batch", jid], cluster)
-    wait_requeued(cluster, jid, 1, log)
-    wait_gone(cluster, jid)
-    text = log.read_text()
-    info = job(cluster, jid)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-4000:]
-    stopped = re.search(r"stopped at step (\d+): requeueing", text)
-    assert stopped, f"the job finished before the signal took effect:\n{text[-4000:]}"
-    stop_step = int(stopped.group(1))
-    assert 0 < stop_step < total
-    assert "SLURM_RESTART_COUNT=unset" in text and "SLURM_RESTART_COUNT=1" in text
-    assert f"resumed from global_step{stop_step} at step {stop_step}" in text
-    steps = train_steps_logged(run)
-    assert steps[-1] == total and stop_step + 1 in steps and latest_step(run) == total
 
 
 def test_chain_dry_run_and_bad_input(cluster, tmp_path):

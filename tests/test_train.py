@@ -80,6 +80,9 @@ def test_a_two_rank_job_log_says_its_layout_and_names_rank_and_host_on_every_lin
     assert "FutureWarning" not in text and "DeprecationWarning" not in text
     warnings_seen = [line.split("Warning: ", 1)[1] for line in lines if "Warning: " in line]
     assert len(warnings_seen) == len(set(warnings_seen)), warnings_seen
+    progress = [line for line in lines if "| loss " in line]  # the step and eval lines
+    assert progress and all(re.match(r"\[rank0@[\w.-]+\] (eval  )?step \d+/\d+ ", line) for line in progress), progress
+    assert not any("[rank1@" in line and "MFU" in line for line in lines)  # a job's note, said once
 
 
 @pytest.mark.parametrize("stage", ["calm", "baseline"])
