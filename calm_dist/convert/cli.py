@@ -6,6 +6,9 @@
     calm-convert inspect runs/quickstart/calm                           # or a converted directory
     calm-convert diff runs/x/checkpoints/global_step500 exports/x
     calm-convert verify runs/x --all                                    # every file against its checksum
+    calm-convert import-reference ref/calm_m exports/calm_m             # the reference's format -> ours
+    calm-convert export-reference exports/calm ref_out/calm             # ours -> what the reference loads
+    calm-convert convert runs/x ref_out/x --format reference            # a checkpoint straight to the reference format
 
 Bad input (a path that is not a checkpoint, a missing tag or file, a damaged shard) exits with
 status 2 and one line on stderr; a converted model that fails its verification against the
@@ -17,10 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
+from pathlib import Path
 from typing import Sequence
 
+from calm_dist.checkpoint.reading import ConversionError
 from calm_dist.convert.export import DTYPES, convert_checkpoint
 from calm_dist.convert.integrity import verify_path
+from calm_dist.convert.reference import export_reference, import_reference
 from calm_dist.convert.summary import diff_checkpoints, format_diff, format_inspection, inspect_checkpoint
 from calm_dist.convert.verify import VerificationError
 
@@ -44,6 +51,24 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--allow-missing-tokenizer", action="store_true",
                          help="convert without tokenizer.json when the run's tokenizer cannot be found")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    convert.add_argument("--format", choices=("calm-dist", "reference"), default="calm-dist",
+                         help="reference: write what the reference implementation loads (see export-reference)")
+
+    imp = commands.add_parser("import-reference", help="a reference implementation directory (autoencoder or "
+                                                       "CALM) -> a converted directory")
+    imp.add_argument("src", help="the reference directory: config.json + pytorch_model.bin or model.safetensors")
+    imp.add_argument("out", help="the output directory (written atomically)")
+    imp.add_argument("--autoencoder", help="CALM: the reference autoencoder's directory (default: its ae_path)")
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+    exp = commands.add_parser("export-reference", help="a converted directory -> the reference implementation's "
+                                                       "format (CALM: with its autoencoder in OUT/autoencoder)")
+    exp.add_argument("src", help="a converted directory (calm-convert convert or import-reference)")
+    exp.add_argument("out", help="the output directory (written atomically)")
+    exp.add_argument("--weights", choices=("bin", "safetensors"), default="bin",
+                     help="pytorch_model.bin (default; what the reference writes) or model.safetensors "
+                          "(autoencoder only)")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
     inspect = commands.add_parser("inspect", help="step, config, parameter counts and tensor shapes")
     inspect.add_argument("path", help="a checkpoint (run, checkpoints/ or global_stepN directory) or a converted directory")
@@ -64,14 +89,40 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _say(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def convert_to_reference(args: argparse.Namespace) -> None:
+    """convert --format reference: the verified calm-dist conversion, then the export, into OUT."""
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ConversionError(f"{out} already exists: choose another output or pass --overwrite")
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent if out.parent.is_dir() else None) as tmp:
+        converted = Path(tmp) / "converted"
+        convert_checkpoint(args.src, converted, tag=args.tag, dtype=args.dtype, embed_autoencoder=True,
+                           verify=not args.no_verify, tokenizer=args.tokenizer,
+                           allow_missing_tokenizer=args.allow_missing_tokenizer)
+        export_reference(converted, out, overwrite=args.overwrite, progress=_say)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "convert":
+        if args.command == "convert" and args.format == "reference":
+            convert_to_reference(args)
+            print(args.out)
+        elif args.command == "convert":
             convert_checkpoint(args.src, args.out, tag=args.tag, dtype=args.dtype,
                                embed_autoencoder=args.autoencoder == "embed", verify=not args.no_verify,
                                tokenizer=args.tokenizer, allow_missing_tokenizer=args.allow_missing_tokenizer,
                                overwrite=args.overwrite)
+            print(args.out)
+        elif args.command == "import-reference":
+            import_reference(args.src, args.out, autoencoder=args.autoencoder, overwrite=args.overwrite, progress=_say)
+            print(args.out)
+        elif args.command == "export-reference":
+            export_reference(args.src, args.out, weights_format=args.weights, overwrite=args.overwrite, progress=_say)
             print(args.out)
         elif args.command == "verify":
             ok = True
