@@ -14,6 +14,8 @@ fi
 # shellcheck source=/dev/null
 source "$site"
 cd "$CALM_ROOT" || exit 2
+# Settings newer than a site file copied from an older example get the example's defaults.
+: "${CALM_RESTARTS_ON_FAILURE:=2}"
 
 out=""
 for arg in "$@"; do [[ $arg == training.output_dir=* ]] && out=${arg#training.output_dir=}; done

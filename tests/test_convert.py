@@ -287,3 +287,16 @@ def test_failed_verification_leaves_no_output(ae_run, tmp_path, monkeypatch, cap
 
     with safe_open(str(ae_run / "autoencoder" / "model.safetensors"), framework="pt") as f:
         assert "latent_head.bias" in f.keys()  # the corrupted name is a real tensor
+
+
+def test_a_trained_calm_converts_straight_to_the_reference_format_and_back(calm_run, calm_converted, tmp_path):
+    """`convert --format reference` on a training run writes what import-reference reads back into
+    the same weights as the calm-dist conversion, bit for bit; a token baseline has no reference form."""
+    from calm_dist.convert.cli import main
+
+    assert main(["convert", str(calm_run), str(tmp_path / "ref"), "--format", "reference"]) == 0
+    config = json.loads((tmp_path / "ref" / "config.json").read_text())
+    assert config["model_type"] == "energy" and (tmp_path / "ref" / "autoencoder" / "pytorch_model.bin").is_file()
+    assert main(["import-reference", str(tmp_path / "ref"), str(tmp_path / "back")]) == 0
+    back, ours = stored(tmp_path / "back"), stored(calm_converted)
+    assert back.keys() == ours.keys() and all(torch.equal(back[k], ours[k]) for k in ours)

@@ -14,11 +14,16 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from calm_dist.convert.cli import main as convert_main
@@ -28,6 +33,28 @@ from tests.train_utils import prepared_corpus_overrides
 EPS = 1e-6
 D, FFN, HEADS, LAYERS, K, LATENT, NOISE, BLOCKS = 64, 172, 4, 2, 4, 16, 8, 2
 AE_D, AE_FFN, AE_LAYERS = 32, 80, 2
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes of the reference models written here: tiny by default, CALM-M for the smoke test."""
+
+    d: int = D
+    ffn: int = FFN
+    heads: int = HEADS
+    layers: int = LAYERS
+    latent: int = LATENT
+    noise: int = NOISE
+    blocks: int = BLOCKS
+    ae_d: int = AE_D
+    ae_ffn: int = AE_FFN
+    max_positions: int = 64
+
+
+TINY_DIMS = Dims()
+# The paper's CALM-M (and its autoencoder) with the Llama-3 vocabulary plus PAD.
+CALM_M_DIMS = Dims(d=1024, ffn=2752, heads=16, layers=16, latent=128, noise=64, blocks=4, ae_d=512, ae_ffn=1280,
+                   max_positions=2048)
 
 
 @pytest.fixture(scope="module")
@@ -40,21 +67,21 @@ def corpus(tmp_path_factory) -> dict:
 
 
 # -- reference directories, from the documented format ---------------------------------------------------
-def ae_config(corpus) -> dict:
+def ae_config(corpus, dims: Dims = TINY_DIMS) -> dict:
     return {"model_type": "autoencoder", "ae_dropout": 0.15, "kl_clamp": 0.5, "kl_weight": 1e-3, "patch_size": K,
-            "vocab_size": corpus["vocab"], "hidden_size": AE_D, "intermediate_size": AE_FFN,
-            "num_encoder_layers": AE_LAYERS, "num_decoder_layers": AE_LAYERS, "latent_size": LATENT,
+            "vocab_size": corpus["vocab"], "hidden_size": dims.ae_d, "intermediate_size": dims.ae_ffn,
+            "num_encoder_layers": AE_LAYERS, "num_decoder_layers": AE_LAYERS, "latent_size": dims.latent,
             "hidden_act": "silu", "initializer_range": 0.02, "rms_norm_eps": EPS, "pad_token_id": corpus["pad"],
             "bos_token_id": corpus["bos"], "eos_token_id": corpus["eos"], "tie_word_embeddings": True, "mlp_bias": False}
 
 
-def calm_config(corpus, kv_heads: int, ae_path: str) -> dict:
-    return {"model_type": "energy", "vocab_size": corpus["vocab"], "hidden_size": D, "intermediate_size": FFN,
-            "num_hidden_layers": LAYERS, "num_attention_heads": HEADS, "num_key_value_heads": kv_heads,
-            "max_position_embeddings": 64, "rope_theta": 10000.0, "rms_norm_eps": EPS, "initializer_range": 0.02,
+def calm_config(corpus, kv_heads: int, ae_path: str, dims: Dims = TINY_DIMS) -> dict:
+    return {"model_type": "energy", "vocab_size": corpus["vocab"], "hidden_size": dims.d, "intermediate_size": dims.ffn,
+            "num_hidden_layers": dims.layers, "num_attention_heads": dims.heads, "num_key_value_heads": kv_heads,
+            "max_position_embeddings": dims.max_positions, "rope_theta": 10000.0, "rms_norm_eps": EPS, "initializer_range": 0.02,
             "hidden_act": "silu", "pad_token_id": corpus["pad"], "bos_token_id": corpus["bos"],
-            "eos_token_id": corpus["eos"], "patch_size": K, "latent_size": LATENT, "num_samples": 8, "beta": 1.0,
-            "num_mlp_layers": BLOCKS, "noise_size": NOISE, "ae_path": ae_path}
+            "eos_token_id": corpus["eos"], "patch_size": K, "latent_size": dims.latent, "num_samples": 8, "beta": 1.0,
+            "num_mlp_layers": dims.blocks, "noise_size": dims.noise, "ae_path": ae_path}
 
 
 def _ae_layer_shapes(prefix: str, d: int, f: int) -> dict:
@@ -62,25 +89,26 @@ def _ae_layer_shapes(prefix: str, d: int, f: int) -> dict:
             f"{prefix}.mlp.up_proj.weight": (f, d), f"{prefix}.mlp.down_proj.weight": (d, f)}
 
 
-def ae_shapes(vocab: int) -> dict:
-    d, f = AE_D, AE_FFN
+def ae_shapes(vocab: int, dims: Dims = TINY_DIMS) -> dict:
+    d, f, latent = dims.ae_d, dims.ae_ffn, dims.latent
     shapes = {"encoder.embed_tokens.weight": (vocab, d)}
     for i in range(AE_LAYERS):
         shapes |= _ae_layer_shapes(f"encoder.encoder_layers.{i}", d, f)
         shapes |= _ae_layer_shapes(f"decoder.decoder_layers.{i}", d, f)
     return shapes | {"encoder.squeeze_layer.weight": (d, K * d), "encoder.squeeze_layer.bias": (d,),
-                     "encoder.norm.weight": (d,), "encoder.hidden_to_latent.weight": (2 * LATENT, d),
-                     "encoder.hidden_to_latent.bias": (2 * LATENT,), "decoder.latent_to_hidden.weight": (d, LATENT),
+                     "encoder.norm.weight": (d,), "encoder.hidden_to_latent.weight": (2 * latent, d),
+                     "encoder.hidden_to_latent.bias": (2 * latent,), "decoder.latent_to_hidden.weight": (d, latent),
                      "decoder.latent_to_hidden.bias": (d,), "decoder.expand_layer.weight": (K * d, d),
                      "decoder.expand_layer.bias": (K * d,), "decoder.norm.weight": (d,)}
 
 
-def calm_shapes(vocab: int, kv_heads: int) -> dict:
+def calm_shapes(vocab: int, kv_heads: int, dims: Dims = TINY_DIMS) -> dict:
+    D, FFN, HEADS, LATENT, NOISE = dims.d, dims.ffn, dims.heads, dims.latent, dims.noise  # noqa: N806
     hd = D // HEADS
     shapes = {"transformer.embed_tokens.weight": (vocab, D), "embed_proj.0.weight": (2 * D, K * D),
               "embed_proj.0.bias": (2 * D,), "embed_proj.2.weight": (D, 2 * D), "embed_proj.2.bias": (D,),
               "embed_proj.3.weight": (D,), "embed_proj.3.bias": (D,), "transformer.norm.weight": (D,)}
-    for i in range(LAYERS):
+    for i in range(dims.layers):
         p = f"transformer.layers.{i}"
         shapes |= {f"{p}.input_layernorm.weight": (D,), f"{p}.post_attention_layernorm.weight": (D,),
                    f"{p}.self_attn.q_proj.weight": (HEADS * hd, D), f"{p}.self_attn.k_proj.weight": (kv_heads * hd, D),
@@ -90,7 +118,7 @@ def calm_shapes(vocab: int, kv_heads: int) -> dict:
     head = {"noise_embd": (D, NOISE), "hidden_embd": (D, D), "final_layer.linears.0": (D, D),
             "final_layer.linears.2": (LATENT, D)}
     norms = ["norm_noise", "norm_hidden", "final_layer.in_ln"]
-    for j in range(BLOCKS):
+    for j in range(dims.blocks):
         head |= {f"mlp_blocks.{j}.linears.0": (D, 2 * D), f"mlp_blocks.{j}.linears.2": (D, D),
                  f"mlp_blocks.{j}.linears.4": (2 * D, D), f"mlp_blocks.{j}.down_proj": (D, D)}
         norms.append(f"mlp_blocks.{j}.in_ln")
@@ -101,7 +129,10 @@ def calm_shapes(vocab: int, kv_heads: int) -> dict:
     return shapes
 
 
-def random_state(shapes: dict, seed: int) -> dict[str, torch.Tensor]:
+def random_state(shapes: dict, seed: int | None) -> dict[str, torch.Tensor]:
+    """Random values by name and shape (norm weights around 1); seed None: zeros (a size smoke test)."""
+    if seed is None:
+        return {name: torch.zeros(shape) for name, shape in shapes.items()}
     g = torch.Generator().manual_seed(seed)
     return {name: torch.randn(shape, generator=g) * (0.3 if len(shape) == 1 else 1 / math.sqrt(shape[-1])) + (
         1.0 if name.endswith(("norm.weight", "layernorm.weight", "in_ln.weight", "embed_proj.3.weight",
@@ -121,21 +152,24 @@ def write_reference(directory: Path, config: dict, state: dict, fmt: str, tokeni
     return directory
 
 
-def reference_autoencoder(root: Path, corpus, fmt: str = "bin", seed: int = 0) -> tuple[Path, dict]:
-    state = random_state(ae_shapes(corpus["vocab"]), seed)
+def reference_autoencoder(root: Path, corpus, fmt: str = "bin", seed: int | None = 0,
+                          dims: Dims = TINY_DIMS) -> tuple[Path, dict]:
+    state = random_state(ae_shapes(corpus["vocab"], dims), seed)
     if fmt == "bin":  # the tied output projection: the same tensor under a second name
         state["decoder.lm_head_weight"] = state["encoder.embed_tokens.weight"]
-    return write_reference(root, ae_config(corpus), state, fmt, corpus["tokenizer"]), state
+    return write_reference(root, ae_config(corpus, dims), state, fmt, corpus["tokenizer"]), state
 
 
-def reference_calm(root: Path, corpus, kv_heads: int, fmt: str = "bin") -> tuple[Path, dict, dict]:
-    ae_dir, ae_state = reference_autoencoder(root / "ae", corpus, "bin", seed=1)
-    state = random_state(calm_shapes(corpus["vocab"], kv_heads), 2)
+def reference_calm(root: Path, corpus, kv_heads: int, fmt: str = "bin", dims: Dims = TINY_DIMS,
+                   random: bool = True) -> tuple[Path, dict, dict]:
+    ae_dir, ae_state = reference_autoencoder(root / "ae", corpus, "bin", seed=1 if random else None, dims=dims)
+    state = random_state(calm_shapes(corpus["vocab"], kv_heads, dims), 2 if random else None)
     if fmt == "bin":  # registered twice in the reference: both names, one tensor
         state |= {"generative_head." + k[len("mlp_generator."):]: v for k, v in state.items() if k.startswith("mlp_generator.")}
     # safetensors cannot hold one tensor twice: the tied copy is left out, as a safetensors save does
     state |= {"ae_model." + k: v for k, v in ae_state.items() if fmt == "bin" or k != "decoder.lm_head_weight"}
-    directory = write_reference(root / "calm", calm_config(corpus, kv_heads, str(ae_dir)), state, fmt, corpus["tokenizer"])
+    directory = write_reference(root / "calm", calm_config(corpus, kv_heads, str(ae_dir), dims), state, fmt,
+                                corpus["tokenizer"])
     return directory, state, ae_state
 
 
@@ -244,6 +278,16 @@ def test_a_reference_autoencoder_imports_exactly(corpus, tmp_path, fmt):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == "calm_autoencoder" and config["calm_dist"]["autoencoder"]["mask_token_id"] == 0
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == corpus["tokenizer"].read_bytes()
+
+
+def test_a_save_that_kept_only_the_tied_output_copy_imports_too(corpus, tmp_path):
+    """Whichever copy of the tied embedding a save kept is the one used."""
+    src, state = reference_autoencoder(tmp_path / "ref", corpus, "bin")
+    kept = {k: v for k, v in state.items() if k != "encoder.embed_tokens.weight"}
+    write_reference(tmp_path / "lm_head_only", ae_config(corpus), kept, "safetensors")
+    assert convert("import-reference", tmp_path / "lm_head_only", tmp_path / "out") == 0
+    weights = load_safetensors(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(weights["embed_tokens.weight"], state["encoder.embed_tokens.weight"])
 
 
 @pytest.mark.parametrize("kv_heads, fmt", [(HEADS, "bin"), (2, "safetensors")], ids=["mha-bin", "gqa-safetensors"])
@@ -392,9 +436,14 @@ def test_bad_reference_input_gets_one_clear_line(corpus, tmp_path, capsys):
 
     pickled = write_reference(tmp_path / "pickled", ae_config(corpus), {}, "bin")
     with open(pickled / "pytorch_model.bin", "wb") as f:
-        pickle.dump({"encoder.embed_tokens.weight": NotATensor()}, f)
+        pickle.dump({"encoder.embed_tokens.weight": NotATensor()}, f, protocol=2)
     line = _refused(capsys, "import-reference", pickled, tmp_path / "o2")
     assert "refused by torch.load(weights_only=True)" in line
+
+    from calm_dist.pretrained import load_pretrained
+
+    with pytest.raises(ValueError, match="in the reference implementation's format: import it first"):
+        load_pretrained(reference_autoencoder(tmp_path / "not_imported", corpus)[0])  # what calm-eval calls
 
     src, _, _ = reference_calm(tmp_path / "calm", corpus, HEADS)
     config = json.loads((src / "config.json").read_text())
@@ -402,3 +451,28 @@ def test_bad_reference_input_gets_one_clear_line(corpus, tmp_path, capsys):
     line = _refused(capsys, "import-reference", src, tmp_path / "o3")
     assert "its autoencoder (ae_path" in line and "is missing" in line and "--autoencoder DIR" in line
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+
+
+@pytest.mark.slow
+def test_a_calm_m_shaped_reference_directory_imports(corpus, tmp_path):
+    """The paper's CALM-M shape (16 layers of width 1024, 16 heads, the energy head's 4 blocks, the
+    512-wide autoencoder, Llama-3's 128,256 tokens + PAD), random weights in a .bin: imported with
+    every check; the time and peak memory of the import are printed (run with -s)."""
+    paper = {**corpus, "vocab": 128257, "pad": 128256, "bos": 128000, "eos": 128001, "tokenizer": None}
+    src, state, _ = reference_calm(tmp_path / "ref", paper, 16, dims=CALM_M_DIMS, random=False)  # zeros: sizes only
+    params = sum(t.numel() for name, t in state.items() if not name.startswith(("generative_head.", "ae_model.decoder.lm")))
+    del state
+    started = time.perf_counter()
+    probe = ("import resource, sys; from calm_dist.convert.cli import main; rc = main(sys.argv[1:]); "
+             "print('peak_rss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", probe, "import-reference", str(src), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=900)
+    seconds = time.perf_counter() - started
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peak_gib = int(proc.stderr.split("peak_rss_kib")[1].split()[0]) / 2**20
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["vocab_size"] == 128257 and config["num_hidden_layers"] == 16 and config["num_mlp_layers"] == 4
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as f:
+        assert sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys()) == params
+    print(f"CALM-M-shaped import: {params / 1e6:.0f} M parameters ({params * 4 / 2**30:.2f} GiB in float32), "
+          f"{seconds:.1f} s, peak RSS {peak_gib:.2f} GiB")

@@ -73,15 +73,24 @@ def build_hf_config(cfg: JobConfig, saved_config: dict, dtype: str, source: dict
             "torch_dtype": dtype, "calm_dist": saved_config, "source": source}
 
 
-def read_hf_config(path: Path) -> dict:
-    """config.json of a converted directory, checked for what loading needs."""
+def load_config_json(path: Path, not_found: str) -> dict:
+    """The config.json of directory `path`; `not_found` says what `path` is not when it has none."""
     file = path / CONFIG_NAME
     if not file.is_file():
-        raise ConversionError(f"{path} is not a converted directory: no {CONFIG_NAME}")
+        raise ConversionError(f"{path} is {not_found}: no {CONFIG_NAME}")
     try:
         config = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
         raise ConversionError(f"{file} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{file} holds no JSON object")
+    return config
+
+
+def read_hf_config(path: Path) -> dict:
+    """config.json of a converted directory, checked for what loading needs."""
+    config = load_config_json(path, "not a converted directory")
+    file = path / CONFIG_NAME
     if config.get("model_type") not in STAGES:
         raise ConversionError(f"{file}: model_type {config.get('model_type')!r} is none of {sorted(STAGES)}")
     if not isinstance(config.get("calm_dist"), dict):

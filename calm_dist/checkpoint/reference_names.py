@@ -173,6 +173,11 @@ def from_reference(rules: list[Rule], source: Mapping[str, torch.Tensor], where:
     used: set[str] = set()
     missing, shapes, differ = [], [], []
     for rule in rules:
+        if rule.kind == "copy" and rule.refs[0] not in source:
+            # A save may keep any one copy of a tied or twice-registered tensor: take the first there is.
+            held = next((c for c in rule.copies if c in source), None)
+            if held is not None:
+                rule = Rule(rule.ours, rule.shape, (held,), copies=tuple(c for c in (rule.refs[0], *rule.copies) if c != held))
         present = [name in source for name in rule.refs]
         if not all(present):
             missing += [name for name, here in zip(rule.refs, present) if not here]

@@ -9,13 +9,13 @@ calm-dist's job configuration and weights, exactly (reference_names.py). Used by
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from calm_dist.checkpoint.hf_config import CONFIG_NAME, WEIGHTS_NAME
+from calm_dist.checkpoint.hf_config import CONFIG_NAME, WEIGHTS_NAME, load_config_json
 from calm_dist.checkpoint.reading import ConversionError
 from calm_dist.checkpoint.reference_names import (
     AE_PREFIX_REFERENCE,
@@ -53,15 +53,9 @@ def reference_model_type(path: Path) -> str:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    file = path / CONFIG_NAME
-    if not file.is_file():
-        raise ConversionError(f"{path} is neither a reference nor a calm-dist directory: no {CONFIG_NAME}")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConversionError(f"{file} is not valid JSON ({exc})") from None
+    config = load_config_json(path, "neither a reference nor a calm-dist directory")
     if config.get("model_type") not in REFERENCE_TYPES:
-        raise ConversionError(f"{file}: model_type {config.get('model_type')!r} is not a reference model "
+        raise ConversionError(f"{path / CONFIG_NAME}: model_type {config.get('model_type')!r} is not a reference model "
                               f"({' or '.join(REFERENCE_TYPES)}); a calm-dist directory needs no import")
     return config
 
@@ -194,8 +188,18 @@ def _autoencoder_dir(calm_dir: Path, config: dict, override: str | Path | None) 
     return ae_dir
 
 
-def read_reference(src: str | Path, autoencoder: str | Path | None = None) -> tuple[JobConfig, dict[str, torch.Tensor], list[Rule]]:
-    """(job config, calm-dist weights, mapping rules) of a reference directory, checked exactly."""
+@dataclass(frozen=True)
+class ReferenceModel:
+    """A reference directory read into calm-dist's terms."""
+
+    cfg: JobConfig  # validated, single process
+    weights: dict[str, torch.Tensor]  # calm-dist's names
+    rules: list[Rule]  # the mapping, both ways
+    source: dict[str, torch.Tensor]  # the reference's tensors as read (for checks against them)
+
+
+def read_reference(src: str | Path, autoencoder: str | Path | None = None) -> ReferenceModel:
+    """A reference directory in calm-dist's terms, checked exactly (reference_names.py)."""
     src = Path(src)
     config = _read_config(src)
     if config["model_type"] == "autoencoder":
@@ -216,15 +220,14 @@ def read_reference(src: str | Path, autoencoder: str | Path | None = None) -> tu
     if config["model_type"] == "energy" and not any(name.startswith(AE_PREFIX_REFERENCE) for name in source):
         # A CALM saved without its frozen autoencoder: take it from ae_path.
         source.update((AE_PREFIX_REFERENCE + k, v) for k, v in read_reference_weights(ae_dir).items())
-    weights = from_reference(rules, source, str(src))
-    return cfg, weights, rules
+    return ReferenceModel(cfg, from_reference(rules, source, str(src)), rules, source)
 
 
 def reference_autoencoder(path: str | Path) -> tuple[AutoencoderConfig, dict[str, torch.Tensor]]:
     """The autoencoder of a reference directory: the directory itself for an autoencoder, the
     frozen one inside (`ae_model.*`, else its ae_path) for a CALM; config and calm-dist weights."""
-    cfg, weights, _ = read_reference(path)
-    if cfg.training.stage == "autoencoder":
-        return cfg.autoencoder, weights
+    read = read_reference(path)
+    if read.cfg.training.stage == "autoencoder":
+        return read.cfg.autoencoder, read.weights
     prefix = "autoencoder."
-    return cfg.autoencoder, {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    return read.cfg.autoencoder, {k[len(prefix):]: v for k, v in read.weights.items() if k.startswith(prefix)}

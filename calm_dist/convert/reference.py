@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from calm_dist.checkpoint.hf_config import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, build_hf_config, read_hf_config
 from calm_dist.checkpoint.reading import ConversionError, single_process_config
 from calm_dist.checkpoint.reference_names import AE_PREFIX, autoencoder_rules, calm_rules, to_reference
-from calm_dist.checkpoint.reference_reading import BIN_NAME, read_reference, read_reference_weights, reference_model_type
+from calm_dist.checkpoint.reference_reading import BIN_NAME, read_reference, reference_model_type
 from calm_dist.common.atomic import atomic_directory
 from calm_dist.config.loader import config_to_dict
 from calm_dist.config.rules import head_blocks, query_groups
@@ -45,7 +45,8 @@ def import_reference(src: str | Path, out: str | Path, *, autoencoder: str | Pat
     src, out = Path(src), Path(out)
     if out.exists() and not overwrite:
         raise ConversionError(f"{out} already exists: choose another output or pass --overwrite")
-    cfg, weights, rules = read_reference(src, autoencoder)
+    read = read_reference(src, autoencoder)
+    cfg, weights = read.cfg, read.weights
     dtypes = {t.dtype for t in weights.values() if t.is_floating_point()}
     dtype = next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
     dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
@@ -58,13 +59,13 @@ def import_reference(src: str | Path, out: str | Path, *, autoencoder: str | Pat
         source = {"reference": str(src.resolve()), "reference_model_type": reference_model_type(src)}
         config = build_hf_config(cfg, config_to_dict(cfg), dtype_name, source, None)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        _check_import(tmp, rules, src)
+        _check_import(tmp, read.rules, read.source, src)
     progress(f"imported {src} ({cfg.training.stage}, {len(weights)} tensors, {dtype_name}) to {out}"
              + ("" if tokenizer else f"; no {TOKENIZER_NAME} in the source: copy the tokenizer there"))
     return out
 
 
-def _check_import(converted: Path, rules: list, src: Path) -> None:
+def _check_import(converted: Path, rules: list, source: dict[str, torch.Tensor], src: Path) -> None:
     """The written directory loads strictly into calm-dist's model, and its weights map back to
     the source tensors bit for bit."""
     # lazy: building the model imports megatron-core (seconds); reading and mapping do not need it
@@ -73,7 +74,6 @@ def _check_import(converted: Path, rules: list, src: Path) -> None:
     model = load_converted(converted, allow_missing_tokenizer=True, dtype=None).model
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("._extra_state")}
     back = to_reference(rules, state, str(converted))
-    source = read_reference_weights(src)
     differ = [name for name, tensor in back.items() if name in source and not torch.equal(tensor, source[name])]
     if differ:
         raise ConversionError(f"import check failed: {', '.join(differ[:8])} differ from {src} after the round trip")
@@ -124,7 +124,7 @@ def export_reference(converted: str | Path, out: str | Path, *, weights_format: 
     its autoencoder in OUT/autoencoder (named by ae_path, an absolute path). `weights_format`:
     "bin" (pytorch_model.bin, what the reference's own scripts write and the only format its CALM
     and its tied autoencoder reload fully) or "safetensors" (autoencoder only)."""
-    # lazy: safetensors reading is light, but the model classes are not needed here
+    # lazy: building the model imports megatron-core (seconds); the calm-convert command starts without it
     from calm_dist.pretrained.converted import load_converted
 
     converted, out = Path(converted), Path(out)

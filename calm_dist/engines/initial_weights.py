@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.is_dir() and is_reference_dir(path):  # the reference implementation's directory, imported on the fly
-        _, weights, _ = read_reference(path)
+        weights = read_reference(path).weights
         return {k: v for k, v in weights.items() if not k.startswith(_SKIPPED_PREFIX)}
     file = path / "model.safetensors" if path.is_dir() else path
     if not file.is_file():

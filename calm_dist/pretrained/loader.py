@@ -28,6 +28,7 @@ from calm_dist.checkpoint.reading import (
     single_process_config,
     stdout_to_stderr,
 )
+from calm_dist.checkpoint.reference_reading import is_reference_dir
 from calm_dist.pretrained.build import Pretrained, build_for_stage, tokenizer_for
 from calm_dist.pretrained.converted import load_converted
 
@@ -62,6 +63,9 @@ def load_from_checkpoint(path: str | Path, device: str | torch.device = "cpu", t
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
     """A converted directory (config.json + safetensors) or a training checkpoint."""
     path = Path(path)
+    if is_reference_dir(path):
+        raise ConversionError(f"{path} is in the reference implementation's format: import it first "
+                              f"(calm-convert import-reference {path} OUT), then load OUT")
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         return load_converted(path, device=device)
     return load_from_checkpoint(path, device=device)
