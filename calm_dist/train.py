@@ -28,6 +28,7 @@ from calm_dist.common.job_log import setup_job_logging, short_hostname
 from calm_dist.config import ConfigError, config_to_dict, load_config, validate
 from calm_dist.environment import log_backend_report
 from calm_dist.parallel.launch import init_distributed, shutdown_distributed
+from calm_dist.parallel.launcher_watch import LauncherWatch
 from calm_dist.parallel.memory import describe
 from calm_dist.engines.deepspeed_config import DeepSpeedPresetError, build_ds_config
 from calm_dist.training.run_lock import RunLock
@@ -73,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     setup_job_logging(read_dist_env().rank)  # before megatron-core is imported: it warns at import
+    with LauncherWatch():  # an orphaned rank (its torchrun killed) exits instead of hanging on
+        return train(cfg, start_time)
+
+
+def train(cfg, start_time: float) -> int:
+    """Join the job's process group and train; the exit code (0, 1: cannot go on, 2: bad input)."""
     # lazy: the trainer imports megatron-core, the data loader and more (seconds); config errors come first
     from calm_dist.training.trainer import Trainer, TrainingStopped
 

@@ -56,6 +56,39 @@ def started_cluster(base: Path, nodes: int = 1) -> Iterator[dict[str, str]]:
         run(["bash", CI, "stop"], env, check=False)
 
 
+def cancel_leftover_jobs(env) -> list[str]:
+    """Cancel whatever a test left in the queue (a failed test's job would otherwise hold the nodes
+    and fail every test after it) and wait until it is gone; the job ids cancelled."""
+    left = run(["squeue", "-h", "-o", "%i"], env, check=False).stdout.split()
+    if left:
+        run(["scancel", *left], env, check=False)
+        deadline = time.monotonic() + 90
+        while run(["squeue", "-h"], env, check=False).stdout.strip() and time.monotonic() < deadline:
+            time.sleep(0.5)
+    return left
+
+
+def diagnosis(env, log: Path | None = None) -> str:
+    """What a failed SLURM test prints: the queue, the nodes, the calm-dist processes on this machine
+    (with their network namespace: one per node of an N-node cluster) and the job log's tail."""
+    queue = run(["squeue", "-o", "%i %T %M %R"], env, check=False).stdout
+    nodes = run(["sinfo", "-N", "-o", "%N %T %E"], env, check=False).stdout
+    procs = []
+    for pid in run(["pgrep", "-f", "calm_dist|torch.distributed.run"], env, check=False).stdout.split():
+        try:
+            netns = os.readlink(f"/proc/{pid}/ns/net")
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:160]
+        except OSError:
+            continue
+        procs.append(f"  {pid} {netns} {argv}")
+    daemons = ""
+    for daemon_log in sorted(Path(env.get("SLURM_CI_BASE", "/nonexistent"), "log").glob("*.log")):
+        daemons += f"{daemon_log.name}:\n" + "\n".join(daemon_log.read_text().splitlines()[-15:]) + "\n"
+    text = log.read_text()[-4000:] if log is not None and log.exists() else "(no log)"
+    return (f"queue:\n{queue}nodes:\n{nodes}processes:\n" + "\n".join(procs)
+            + f"\ndaemon logs:\n{daemons}job log tail:\n{text}")
+
+
 def sbatch(env, *args, **extra_env) -> int:
     out = run(["sbatch", "--parsable", *args], {**env, **extra_env}).stdout.strip()
     return int(out.split(";")[0])
@@ -89,7 +122,7 @@ def wait_gone(env, *jids: int, timeout: float = 240) -> None:
     while any(state(env, j) for j in jids):
         for j in jids:
             assert_can_start(env, j)
-        assert time.monotonic() < deadline, f"jobs {jids} still queued after {timeout} s"
+        assert time.monotonic() < deadline, f"jobs {jids} still queued after {timeout} s\n{diagnosis(env)}"
         time.sleep(0.5)
 
 
@@ -98,7 +131,7 @@ def wait_requeued(env, jid: int, restarts: int, log: Path, timeout: float = 120)
     (a requeued job may start again only ~2 minutes later)."""
     deadline = time.monotonic() + timeout
     while not (state(env, jid) == "PENDING" and job(env, jid).get("Restarts") == str(restarts)):
-        assert time.monotonic() < deadline, f"not requeued: {state(env, jid)}\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"not requeued: {state(env, jid)}\n{diagnosis(env, log)}"
         time.sleep(0.3)
     run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], env)
 
@@ -109,7 +142,7 @@ def wait_training(env, jid: int, run_dir: Path, log: Path, min_step: int = 1, ti
     while not (run_dir / "metrics.jsonl").exists() or max(train_steps_logged(run_dir), default=0) < min_step:
         assert state(env, jid) in ("PENDING", "RUNNING"), log.read_text()[-4000:] if log.exists() else "no log"
         assert_can_start(env, jid)
-        assert time.monotonic() < deadline, f"no training step {min_step} after {timeout} s"
+        assert time.monotonic() < deadline, f"no training step {min_step} after {timeout} s\n{diagnosis(env, log)}"
         time.sleep(0.2)
 
 

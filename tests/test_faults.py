@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from calm_dist.common.processes import pid_alive
 from tests.dist_utils import REPO_ROOT, free_port
 from tests.train_utils import TINY, child_env, prepared_corpus_overrides
 
@@ -312,6 +313,41 @@ def test_a_hung_rank_fails_its_peer_after_the_collective_timeout(data, tmp_path)
             except ProcessLookupError:
                 pass
         launcher.wait()
+
+
+def test_ranks_whose_torchrun_was_killed_exit_instead_of_running_on(data, tmp_path):
+    """kill -9 of torchrun alone (a scheduler that kills a job by process group: torchrun's ranks run
+    in sessions of their own and survive it): each rank notices it was orphaned and exits within
+    seconds, rather than train on or hang in a collective beside the job's next incarnation."""
+    run = tmp_path / "run"
+    launcher = subprocess.Popen(_command(data, run, "training.train_steps=10000", "training.save_interval=10000",
+                                         "training.eval_steps=0"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env())
+    workers: list[int] = []
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not (run / "metrics.jsonl").is_file():
+            assert launcher.poll() is None, launcher.stderr.read()[-3000:]
+            time.sleep(0.2)
+        workers = [int(w) for w in subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True,
+                                                  text=True).stdout.split()]
+        assert len(workers) == 2, workers
+        launcher.kill()
+        launcher.wait()
+        killed = time.monotonic()
+        while any(pid_alive(w) for w in workers) and time.monotonic() - killed < 20:
+            time.sleep(0.1)
+        gone = time.monotonic() - killed
+        assert not any(pid_alive(w) for w in workers), "the orphaned ranks still run 20 s after their torchrun died"
+        assert gone < 10, gone
+        # One rank may fail first on its lost peer; at least one says why it went.
+        assert "the launcher (torchrun, pid" in launcher.stderr.read()
+    finally:
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def _kill_at_a_random_moment(launcher: subprocess.Popen, checkpoints: Path, rng: random.Random, in_save: bool) -> bool:

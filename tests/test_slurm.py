@@ -20,6 +20,7 @@ import pytest
 from tests.dist_utils import REPO_ROOT
 from tests.slurm_utils import (
     SLURM,
+    cancel_leftover_jobs,
     job,
     latest_step,
     sbatch,
@@ -42,6 +43,13 @@ def cluster(tmp_path_factory):
     """A started one-node cluster; yields the environment for sbatch (SLURM_CONF, a CI site file, ...)."""
     with started_cluster(tmp_path_factory.mktemp("slurm"), nodes=1) as env:
         yield env
+
+
+@pytest.fixture(autouse=True)
+def empty_queue(cluster):
+    """Every test starts on an empty queue, whatever the test before it left behind."""
+    yield
+    cancel_leftover_jobs(cluster)
 
 
 @pytest.fixture(scope="module")

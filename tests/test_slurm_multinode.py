@@ -26,6 +26,8 @@ from tests.dist_utils import REPO_ROOT
 from tests.slurm_utils import (
     CI,
     SLURM,
+    cancel_leftover_jobs,
+    diagnosis,
     job,
     latest_step,
     run,
@@ -51,6 +53,13 @@ NODE2 = "ci-n2"
 def cluster(tmp_path_factory):
     with started_cluster(tmp_path_factory.mktemp("slurm2"), nodes=2) as env:
         yield env
+
+
+@pytest.fixture(autouse=True)
+def empty_queue(cluster):
+    """Every test starts on an empty queue, whatever the test before it left behind."""
+    yield
+    cancel_leftover_jobs(cluster)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +132,7 @@ def trainer_pids(node: str) -> list[int]:
     return pids
 
 
-def first_step_after(run_dir: Path, step: int, since: float, timeout: float = 120) -> float:
+def first_step_after(cluster, log: Path, run_dir: Path, step: int, since: float, timeout: float = 120) -> float:
     """Seconds from `since` until the run logs a training step numbered `step` + 1 again."""
     deadline = time.monotonic() + timeout
     seen = len(train_steps_logged(run_dir))
@@ -131,8 +140,21 @@ def first_step_after(run_dir: Path, step: int, since: float, timeout: float = 12
         later = train_steps_logged(run_dir)[seen:]
         if step + 1 in later:
             return time.monotonic() - since
-        assert time.monotonic() < deadline, f"no step {step + 1} after the restart"
+        assert time.monotonic() < deadline, f"no step {step + 1} after the restart\n{diagnosis(cluster, log)}"
         time.sleep(0.1)
+
+
+def wait_node_settled(cluster, node: str, settle_s: float = 5, timeout: float = 60) -> None:
+    """Until SLURM has shown the node IDLE for `settle_s` seconds in a row."""
+    deadline, idle_since = time.monotonic() + timeout, None
+    while True:
+        node_state = re.search(r"State=(\S+)", run(["scontrol", "show", "node", node, "-o"], cluster).stdout)
+        idle = node_state is not None and node_state.group(1) == "IDLE"
+        idle_since = (idle_since or time.monotonic()) if idle else None
+        if idle_since is not None and time.monotonic() - idle_since >= settle_s:
+            return
+        assert time.monotonic() < deadline, f"{node} not idle {timeout} s after its restart\n{diagnosis(cluster)}"
+        time.sleep(0.2)
 
 
 def record(figures: dict, name: str) -> None:
@@ -171,7 +193,7 @@ def test_preemption_then_a_killed_rank_each_requeue_the_job_which_ends_with_the_
     resume_step = latest_step(run_dir)
     wait_requeued(cluster, jid, 2, log)
     released = time.monotonic()
-    to_resume = first_step_after(run_dir, resume_step, released)
+    to_resume = first_step_after(cluster, log, run_dir, resume_step, released)
     wait_gone(cluster, jid)
     text = log.read_text()
     assert job(cluster, jid)["JobState"] == "COMPLETED", log_of(cluster, jid, log)
@@ -202,16 +224,22 @@ def test_a_crashed_node_ends_the_job_and_slurm_requeues_it_to_the_same_result(cl
     node = run(["scontrol", "show", "node", NODE2, "-o"], cluster).stdout
     assert "State=DOWN" in node or "NOT_RESPONDING" in node, node
     run(["bash", CI, "restart-node", NODE2], ci)
+    # SLURM holds a requeued job ~2 minutes before it may start again, and a rebooted node takes
+    # minutes: the test skips both, so it lets the node settle first. Released the instant the node
+    # answers, the job can be given the node while the node is still cleaning up the job's previous
+    # run under the same id; the node then drops it and every step waits forever on "Requested
+    # nodes are busy" (seen on a loaded 2-core machine).
+    wait_node_settled(cluster, NODE2)
     wait_requeued(cluster, jid, int(job(cluster, jid)["Restarts"]), log)
     released = time.monotonic()
-    to_resume = first_step_after(run_dir, resume_step, released, timeout=180)
+    to_resume = first_step_after(cluster, log, run_dir, resume_step, released, timeout=180)
     wait_gone(cluster, jid)
     text = log.read_text()
     assert job(cluster, jid)["JobState"] == "COMPLETED", log_of(cluster, jid, log)
     assert f"resumed from global_step{resume_step} at step {resume_step}" in text
     assert_same_as_single_node(run_dir, single_node, tmp_path)
     record({"failure to job end": f"{ended:.1f} s", "steps lost": failed_step - resume_step,
-            "node back to first step": f"{to_resume:.1f} s"}, "crashed node")
+            "release to first step": f"{to_resume:.1f} s"}, "crashed node")
 
 
 def test_pipeline_stages_on_two_nodes_train_like_one_process(cluster, data, single_node, tmp_path):
@@ -248,7 +276,7 @@ def test_a_sweep_array_whose_tasks_each_take_two_nodes(cluster, data, tmp_path):
     jid = int(re.search(r"(\d+)", run([*cli, "submit", tmp_path / "sw", "--slurm"], cluster).stdout).group(1))
     deadline = time.monotonic() + 300
     while run(["squeue", "-h"], cluster, check=False).stdout.strip():
-        assert time.monotonic() < deadline, run(["squeue"], cluster).stdout
+        assert time.monotonic() < deadline, diagnosis(cluster)
         time.sleep(1)
     status = run([*cli, "status", tmp_path / "sw"], cluster).stdout
     assert "2 finished" in status, status
