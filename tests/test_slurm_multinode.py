@@ -298,3 +298,49 @@ def test_a_node_that_cannot_reach_the_rendezvous_stops_the_job_before_any_rank_s
         assert f"error: node {node} cannot reach the rendezvous {unreachable}:" in text, text[-3000:]
     assert "set CALM_MASTER_ADDR in the site file" in text and "no rank was started" in text
     assert not run_dir.exists()  # not even an empty directory
+
+
+def netns_names(prefix: str) -> list[str]:
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return sorted(line.split()[0] for line in listed.splitlines() if line.startswith(f"{prefix}-n"))
+
+
+def hosts_lines(prefix: str) -> int:
+    return sum(line.endswith(f"# calm-slurm-ci {prefix}") for line in Path("/etc/hosts").read_text().splitlines())
+
+
+def test_a_cluster_killed_before_its_stop_is_cleared_by_the_next_start_and_a_live_one_is_refused(cluster, tmp_path):
+    """The bridge, namespaces and /etc/hosts lines of a cluster outlive its processes: a CI run killed
+    mid-module left them, and every later start failed on them. A start clears such leftovers, and
+    still refuses a prefix whose nodes run processes (this module's cluster)."""
+    live = {**cluster, "SLURM_CI_BASE": str(tmp_path / "second"), "SLURM_CI_NODES": "2"}
+    refused = run(["bash", CI, "start"], live, check=False, timeout=120)
+    assert refused.returncode == 1 and "another cluster runs" in refused.stderr, refused.stderr
+    assert run(["sinfo", "-h", "-N", "-o", "%t"], cluster).stdout.split() == ["idle", "idle"]
+
+    # A second cluster beside this one (own names, subnet and ports), killed without its stop.
+    killed = {**live, "SLURM_CI_PREFIX": "cs", "SLURM_CI_SUBNET": "10.78.0", "SLURM_CI_PORT": "6917",
+              "SLURM_CI_BASE": str(tmp_path / "killed")}
+    try:
+        run(["bash", CI, "start"], killed, timeout=300)
+        pids = [(tmp_path / "killed" / "slurmctld.bgpid").read_text().strip()]
+        for ns in netns_names("cs"):
+            pids += subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+        subprocess.run(["kill", "-KILL", *pids], check=True)
+        time.sleep(1)
+        assert netns_names("cs") == ["cs-n1", "cs-n2"] and hosts_lines("cs") == 2  # what was left
+
+        again = {**killed, "SLURM_CI_BASE": str(tmp_path / "again")}
+        started = run(["bash", CI, "start"], again, timeout=300)
+        assert "removing what a killed run left of cluster 'cs'" in started.stderr, started.stderr
+        conf = re.search(r"export SLURM_CONF=(\S+)", started.stdout).group(1)
+        nodes = run(["sinfo", "-h", "-N", "-o", "%N %t"], {**again, "SLURM_CONF": conf}).stdout.split("\n")
+        assert [n for n in nodes if n] == ["cs-n1 idle", "cs-n2 idle"], nodes
+        assert hosts_lines("cs") == 2
+        run(["bash", CI, "stop"], again)
+    finally:  # whichever of the two is still there
+        for base in ("again", "killed"):
+            run(["bash", CI, "stop"], {**killed, "SLURM_CI_BASE": str(tmp_path / base)}, check=False)
+    assert netns_names("cs") == [] and hosts_lines("cs") == 0
+    assert subprocess.run(["ip", "link", "show", "cs-br"], capture_output=True).returncode != 0
+    assert run(["sinfo", "-h", "-N", "-o", "%t"], cluster).stdout.split() == ["idle", "idle"]

@@ -140,9 +140,10 @@ make_network() {
     done
 }
 
+# $1: how many nodes' veths and namespaces to remove (default: this cluster's).
 remove_network() {
-    local i kept
-    for ((i = 1; i <= NODES; i++)); do
+    local i kept n=${1:-$NODES}
+    for ((i = 1; i <= n; i++)); do
         ip link del "$PREFIX-v$i" 2>/dev/null || true
         ip netns del "$(node_name "$i")" 2>/dev/null || true
     done
@@ -152,6 +153,25 @@ remove_network() {
         kept=$(grep -vF "$HOSTS_TAG" /etc/hosts || true)
         printf '%s\n' "$kept" >/etc/hosts
     fi
+}
+
+# A bridge of this prefix left by a run that was killed before its stop (the bridge, namespaces and
+# /etc/hosts lines outlive their processes) is removed; one whose nodes still run a process belongs
+# to a live cluster and is refused. A live cluster always has a slurmd in some node's namespace, even
+# while crash-node has emptied another.
+clear_stale_network() {
+    ip link show "$BRIDGE" >/dev/null 2>&1 || return 0
+    local ns busy=""
+    for ns in $(ip netns list 2>/dev/null | awk -v p="$PREFIX-n" 'index($1, p) == 1 {print $1}'); do
+        [[ -n $(ip netns pids "$ns" 2>/dev/null) ]] && busy+=" $ns"
+    done
+    [[ -z $busy ]] || die "bridge $BRIDGE exists and processes run in$busy: another cluster runs (stop it, or set SLURM_CI_PREFIX, SLURM_CI_SUBNET and SLURM_CI_PORT)"
+    log "removing what a killed run left of cluster '$PREFIX' (bridge, namespaces, /etc/hosts lines)"
+    for ns in $(ip netns list 2>/dev/null | awk -v p="$PREFIX-n" 'index($1, p) == 1 {print $1}'); do
+        ip netns del "$ns" 2>/dev/null || true
+    done
+    # (deleting a namespace deletes the veth pair whose one end it holds)
+    remove_network 0  # the bridge and the tagged /etc/hosts lines
 }
 
 # slurmd of node i inside its namespace, under the node's hostname (slurmd finds its NodeName by
@@ -200,9 +220,7 @@ start() {
     if alive "$BASE/slurmctld.bgpid"; then
         log "already running (base $BASE)"
     else
-        if ((NODES > 1)) && ip link show "$BRIDGE" >/dev/null 2>&1; then
-            die "bridge $BRIDGE exists: another cluster runs (stop it, or set SLURM_CI_PREFIX)"
-        fi
+        ((NODES == 1)) || clear_stale_network
         trap 'log "start failed: tearing down"; stop >&2' EXIT
         # What stop and the node commands need to know about this cluster.
         mkdir -p "$BASE"
