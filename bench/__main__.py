@@ -27,6 +27,7 @@ BENCHMARKS = {
     "flops": "bench.flops_check",
     "energy": "bench.energy",
     "generation": "bench.generation",
+    "brier_eval": "bench.brier_eval",
     "training": "bench.training",
     "data": "bench.data_bench",
     "zero3": "bench.zero3",

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from bench import energy, flops_check, generation, gpu_mfu, report, training, zero3
+from bench import brier_eval, energy, flops_check, generation, gpu_mfu, report, training, zero3
 from bench.__main__ import main as bench_main
 from bench.common import job_config
 from calm_dist.flops import training_flops_per_token
@@ -125,3 +125,12 @@ def test_gpu_set_says_it_was_skipped_without_cuda(monkeypatch):
     result = gpu_mfu.run(quick=True)
     assert "no CUDA" in result.skipped and not result.figures
     assert "(skipped)" in report.format_table([result])
+
+
+def test_brier_eval_bench_scores_the_same_terms_both_ways_and_reports_the_ratio():
+    result = brier_eval.run(contexts=[24], blocks=2)
+    (figure,) = result.figures
+    details = result.details["context 24"]
+    assert figure.value == pytest.approx(details["speedup"]) and figure.value > 0
+    assert details["max_term_difference"] < 1e-5 and details["rollout_rows_per_block"] > 0
+    assert 0.1 < details["collision_rate"] < 0.6  # the scaled output layer collides like a trained model

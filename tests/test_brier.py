@@ -96,8 +96,8 @@ def deterministic_chain(vocab: int) -> torch.Tensor:
 
 
 def markov_next_token_probs(transitions_VV: torch.Tensor):
-    def next_token_probs(prefixes):
-        return transitions_VV[torch.stack([prefix[-1] for prefix in prefixes])]
+    def next_token_probs(starts_A, continuation_AJ):
+        return transitions_VV[continuation_AJ[:, -1]]  # a Markov chain reads the last token only
 
     return next_token_probs
 
@@ -193,9 +193,10 @@ def test_baseline_estimator_unbiased_on_markov_chain():
 
     residuals, rows_queried = [], []
 
-    def next_token_probs(prefixes):
-        rows_queried.append(len(prefixes))
-        return markov_next_token_probs(transitions_VV)(prefixes)
+    def next_token_probs(starts_A, continuation_AJ):
+        rows_queried.append(len(starts_A))
+        assert continuation_AJ.shape == (len(starts_A), len(rows_queried))  # the j-th call continues j tokens
+        return markov_next_token_probs(transitions_VV)(starts_A, continuation_AJ)
 
     for tokens_T in blocks_BT:  # every block uses fresh draws from the same generator
         probs_TV = transitions_VV[tokens_T]

@@ -11,7 +11,15 @@ from calm_dist.config import load_config, validate
 from calm_dist.generation import generate_baseline, generate_calm, left_pad_prompts
 from calm_dist.ops.brier import BrierAccumulator
 from calm_dist.evaluation.scorer import metrics_from, score_blocks
-from calm_dist.models.scoring import baseline_next_token_probs, calm_block_terms
+from calm_dist.models.scoring import (
+    baseline_next_token_probs,
+    calm_block_terms,
+    recomputed_next_token_probs,
+    rollout_tree,
+    score_baseline_block,
+    tree_next_token_probs,
+)
+from calm_dist.models.shared_context import SharedContext
 from calm_dist.models.autoencoder import Autoencoder
 from calm_dist.models.baseline import TokenBaseline
 from calm_dist.models.calm import CALM, unconditional_energy
@@ -290,15 +298,93 @@ def test_calm_brierlm_is_computed_on_real_blocks(trained_pair):
     assert again == report
 
 
-def test_baseline_rollout_probabilities_agree_with_teacher_forcing():
-    cfg = tiny_cfg()
+def teacher_forced(model, tokens):
+    """The teacher-forced next-token distributions of a block, and its recorded context."""
+    context = SharedContext(model.backbone)
+    with context.recording():
+        probs = torch.softmax(model.logits(tokens[None, :-1])[0].float(), dim=-1)
+    return probs, context
+
+
+@pytest.mark.parametrize("backend,groups", [("sdpa", 0), ("sdpa", 2), ("local", 0)])
+def test_baseline_rollouts_tree_and_recomputed_agree_with_teacher_forcing(backend, groups):
+    """Both rollout paths give the distribution after start's context plus its continuation, as the
+    teacher-forced forward of the whole path does; the tree forward in one group or several."""
+    cfg = tiny_cfg(**{"attention_backend": backend, "num_attention_heads": 4, "num_query_groups": groups})
     torch.manual_seed(0)
     model = TokenBaseline(cfg.model).eval()
     tokens = torch.randint(0, 96, (20,))
     with torch.no_grad():
-        teacher = torch.softmax(model.logits(tokens[None, :-1])[0].float(), dim=-1)
-        rolled = baseline_next_token_probs(model)([tokens[: i + 1] for i in (0, 4, 11, 18)])
-    assert torch.allclose(rolled, teacher[[0, 4, 11, 18]], atol=1e-5)
+        teacher, context = teacher_forced(model, tokens)
+        assert context.length == 19
+        starts = torch.tensor([0, 4, 11, 14, 7])
+        for width in (1, 2, 3):  # continuation = the true next tokens: the path is tokens[: start + 1 + width]
+            continuation = tokens[starts[:, None] + 1 + torch.arange(width)]
+            expected = teacher[starts + width]
+            grouped = tree_next_token_probs(model, tokens, context, rows_per_forward=2)(starts, continuation)
+            whole = tree_next_token_probs(model, tokens, context)(starts, continuation)
+            recomputed = recomputed_next_token_probs(model, tokens)(starts, continuation)
+            for probs in (grouped, whole, recomputed):
+                assert torch.allclose(probs, expected, atol=1e-5), (width, (probs - expected).abs().max())
+        # A continuation off the true path (sampled tokens) agrees between the two paths too.
+        off_path = torch.randint(0, 96, (5, 3))
+        assert torch.allclose(tree_next_token_probs(model, tokens, context)(starts, off_path),
+                              recomputed_next_token_probs(model, tokens)(starts, off_path), atol=1e-5)
+    assert baseline_next_token_probs(model, tokens, context).__qualname__.startswith("tree_next_token_probs")
+    assert baseline_next_token_probs(model, tokens, None).__qualname__.startswith("recomputed_next_token_probs")
+
+
+def test_baseline_brier_terms_are_the_same_from_both_rollout_paths():
+    """Same seeds, same draws, same terms: the tree forward changes the cost, not the estimator."""
+    cfg = tiny_cfg()
+    torch.manual_seed(1)
+    model = TokenBaseline(cfg.model).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # peaked distributions: the two draws often agree, rollouts go deep
+    calls = []
+
+    def counted_tree(model, block, context):
+        inner = tree_next_token_probs(model, block, context)
+
+        def next_token_probs(starts, continuation):
+            calls.append(tuple(continuation.shape))
+            return inner(starts, continuation)
+
+        return next_token_probs
+
+    for seed in range(3):
+        block = torch.randint(0, 96, (33,))
+        by_tree = score_baseline_block(model, block, seed, rollout=counted_tree)
+        by_recompute = score_baseline_block(model, block, seed, rollout=recomputed_next_token_probs)
+        for family in ("all", "aligned"):
+            assert torch.allclose(by_tree.brier[family], by_recompute.brier[family], atol=1e-6)
+    assert max(rows for rows, width in calls if width == 3) >= 5, calls  # rows continued three times
+
+
+def test_rollout_tree_layout():
+    """Two rows from starts 1 and 3 of a 4-step context, two tokens each: positions, who sees whom."""
+    positions, allowed = rollout_tree(torch.tensor([1, 3]), torch.tensor([[7, 8], [9, 5]]), context=4)
+    assert positions.tolist() == [2, 3, 4, 5]
+    rows = ["".join("x" if a else "." for a in row) for row in allowed.tolist()]
+    assert rows == ["xx..x...", "xx..xx..", "xxxx..x.", "xxxx..xx"]
+
+
+def test_a_shared_context_refuses_what_it_cannot_hold():
+    cfg = tiny_cfg()
+    model = TokenBaseline(cfg.model).eval()
+    context = SharedContext(model.backbone)
+    with pytest.raises(RuntimeError, match="nothing recorded"):
+        context.attending()
+    with torch.no_grad(), pytest.raises(ValueError, match="one sequence; this forward has batch 2"):
+        with context.recording():
+            model.logits(torch.zeros(2, 5, dtype=torch.long))
+
+
+def test_baseline_rollout_on_real_blocks():
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    model = TokenBaseline(cfg.model).eval()
+    tokens = torch.randint(0, 96, (20,))
     report, positions = metrics_from("baseline", score_blocks(model, "baseline", tokens[None], seed=0,
                                                           device=torch.device("cpu")), 1, 20)
     assert positions == 20 - 4 and report["aligned"]["positions"] == 4

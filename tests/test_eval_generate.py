@@ -364,3 +364,46 @@ def test_data_whose_ids_are_not_the_models_is_refused_by_training_and_evaluation
     model_cfg.bos_token_id += 1
     with pytest.raises(EvalInputError, match=r"does not fit the model: bos_token_id"):
         load_blocks([str(corpus.valid.directory)], "calm", None, model_cfg, K, 17 * K, 2)
+
+
+def test_baseline_brier_under_zero3_on_two_ranks_equals_one_process(tmp_path):
+    """ZeRO-3 gathers each layer's weights collectively, so both ranks must run the same rollout
+    forwards although their blocks need different numbers (the lockstep): the two-rank figures
+    equal one process scoring every block."""
+    from calm_dist.evaluation.scorer import block_seed, score_blocks
+    from calm_dist.models.scoring import score_baseline_block, tree_next_token_probs
+    from calm_dist.parallel.state import ensure_model_parallel
+    from tests.dist_utils import run_worker
+    from tests.workers.lockstep_worker import tiny_peaked_baseline
+
+    run_worker("lockstep_worker", "--out", str(tmp_path), tmp_path=tmp_path, timeout=240)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    ensure_model_parallel()
+    model = tiny_peaked_baseline(seed=0).eval()
+    blocks = torch.randint(0, 96, (4, 33), generator=torch.Generator().manual_seed(1))
+    single = score_blocks(model, "baseline", blocks, seed=5, device=torch.device("cpu"))
+    for got in ranks:
+        assert got["loss"] == pytest.approx(single.sums["loss"], rel=1e-6)
+        for family in ("all", "aligned"):
+            assert got[family] == pytest.approx(single.brier[family].state().tolist(), rel=1e-6, abs=1e-9)
+
+    rows = {}  # the rollout rows each block needs, call by call: the ranks' blocks differ
+
+    def counted(block_index):
+        def factory(model, block, context):
+            inner = tree_next_token_probs(model, block, context)
+
+            def next_token_probs(starts, continuation):
+                rows.setdefault(block_index, []).append(len(starts))
+                return inner(starts, continuation)
+
+            return next_token_probs
+
+        return factory
+
+    for i, block in enumerate(blocks):
+        score_baseline_block(model, block, block_seed(5, i), rollout=counted(i))
+    calls = [sum(len(rows.get(i, [])) for i in (rank, rank + 2)) for rank in (0, 1)]
+    assert calls[0] != calls[1], rows  # without the lockstep the ranks' gathers would not pair up
+    assert max(len(r) for r in rows.values()) == 3, rows  # some block's rollouts went three deep

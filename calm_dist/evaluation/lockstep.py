@@ -11,7 +11,7 @@ from calm_dist.models.scoring import baseline_next_token_probs
 
 class LockstepRollouts:
     """A rollout factory for `score_baseline_block`. Each call of the callable it makes agrees the
-    largest prefix count across ranks and pads to it, and `top_up` then makes the calls a rank did
+    largest row count across ranks and pads to it, and `top_up` then makes the calls a rank did
     not need (its samples all diverged early), so the collective gathers always pair up. Padding
     never changes the rows a rank reads."""
 
@@ -19,15 +19,18 @@ class LockstepRollouts:
         self.calls, self.made = calls, 0
         self.next_token_probs = None  # made by the first call: kinds without rollouts never make it
 
-    def __call__(self, model):
-        inner = baseline_next_token_probs(model)
+    def __call__(self, model, block_T: torch.Tensor, context):
+        inner = baseline_next_token_probs(model, block_T, context)
 
-        def next_token_probs(prefixes):
+        def next_token_probs(starts_A: torch.Tensor, continuation_AJ: torch.Tensor) -> torch.Tensor:
             self.made += 1
-            count = torch.tensor([len(prefixes)], device=model.embed_tokens.weight.device)
+            rows = starts_A.shape[0]
+            count = torch.tensor([rows], device=model.embed_tokens.weight.device)
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
-            padded = list(prefixes) + [prefixes[0]] * (int(count.item()) - len(prefixes))
-            return inner(padded)[: len(prefixes)]
+            padding = int(count.item()) - rows
+            starts_A = torch.cat([starts_A, starts_A[:1].expand(padding)])
+            continuation_AJ = torch.cat([continuation_AJ, continuation_AJ[:1].expand(padding, -1)])
+            return inner(starts_A, continuation_AJ)[:rows]
 
         self.next_token_probs = next_token_probs
         return next_token_probs
@@ -37,5 +40,5 @@ class LockstepRollouts:
         if self.next_token_probs is None:
             return
         while self.made < self.calls:
-            self.next_token_probs([block_T[:1]])
+            self.next_token_probs(torch.zeros(1, dtype=torch.long, device=block_T.device), block_T[None, 1:2])
         self.made = 0

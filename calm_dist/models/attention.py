@@ -177,8 +177,9 @@ class SDPACoreAttention(_CoreAttention):
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
 
-class FlashAttnCoreAttention(_CoreAttention):
-    """Core attention through the flash-attn package (CUDA, fp16/bf16)."""
+class FlashAttnCoreAttention(SDPACoreAttention):
+    """Core attention through the flash-attn package (CUDA, fp16/bf16); an explicit mask (BrierLM's
+    rollout trees), which flash-attn cannot take, goes through torch's SDPA instead."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -188,7 +189,7 @@ class FlashAttnCoreAttention(_CoreAttention):
 
     def _attend(self, query, key, value, attention_mask, dropout_p: float) -> torch.Tensor:
         if attention_mask is not None:
-            raise ValueError("the 'flash_attn' backend takes no explicit attention_mask (causal only)")
+            return super()._attend(query, key, value, attention_mask, dropout_p)
         sq, b = query.size(0), query.size(1)
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, heads, hn]; GQA native
         # flash-attn >= 2.1 aligns a causal mask bottom-right when sq < sk (KV-cache steps).

@@ -9,6 +9,7 @@ before it is built (`calm_dist.parallel.state.ensure_model_parallel` outside a l
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -202,6 +203,28 @@ class Backbone(torch.nn.Module):
             # one, so the backward only splits it (no reduce-scatter).
             h_SBD = tensor_parallel.gather_from_sequence_parallel_region(h_SBD, tensor_parallel_output_grad=False)
         return h_SBD
+
+    @property
+    def takes_attention_masks(self) -> bool:
+        """Whether `forward_tree` can run: te's layers apply their own causal mask and ignore ours."""
+        return self.attention_backend != "te"
+
+    def forward_tree(self, x_BSD: torch.Tensor, positions_S: torch.Tensor, allowed_SK: torch.Tensor,
+                     context=None) -> torch.Tensor:
+        """Steps at arbitrary positions, each seeing only the keys `allowed_SK[step, key]` marks:
+        with a recorded `context` (`SharedContext`) the keys are its steps, then these; without, these.
+        Continuations branching from one context run in one forward (BrierLM's rollouts), and a
+        step's output equals what the causal forward of its own path computes."""
+        if not self.takes_attention_masks:
+            raise ValueError("forward_tree needs an attention backend that takes explicit masks (not 'te')")
+        if not (self.options.pre_process and self.options.post_process) or self.options.sequence_parallel:
+            raise ValueError("forward_tree needs the whole decoder in one module, without sequence parallelism")
+        x_SBD = x_BSD.transpose(0, 1).contiguous()
+        rotary_SD = self.rotary(int(positions_S.max()) + 1)[positions_S]  # each step's own position
+        # megatron's mask convention: True = masked out; [1, 1, sq, sk] broadcasts over batch and heads.
+        with context.attending() if context is not None else contextlib.nullcontext():
+            h_SBD = self.decoder(x_SBD, attention_mask=~allowed_SK[None, None], rotary_pos_emb=rotary_SD)
+        return h_SBD.transpose(0, 1)
 
     def forward(self, x_BSD: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
         steps = x_BSD.size(1)

@@ -14,7 +14,9 @@ from typing import Callable, Sequence
 
 import torch
 
-NextTokenProbs = Callable[[list[torch.Tensor]], torch.Tensor]
+# (starts_A, continuation_AJ) -> (A, V): the next-token distribution after tokens[: start + 1] followed by
+# the row's J sampled tokens, for every row.
+NextTokenProbs = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def brierlm_from_means(brier_means: Sequence[float]) -> float:
@@ -170,8 +172,9 @@ def baseline_brier_terms(
     expectation of the) collision indicator 1{s1[:n] = s2[:n]}, so it is an unbiased estimate of sum over
     n-grams of P^2. Rows whose samples have diverged contribute 0 from then on and are never queried again.
 
-    next_token_probs(prefixes) returns (B, V) next-token distributions after each variable-length prefix; it is
-    called only while some start is still undiverged, at most max_n - 1 times. `generator` must live on the
+    next_token_probs(starts_A, continuation_AJ) returns (A, V) next-token distributions after each undiverged
+    start's context followed by its sampled continuation; its j-th call has J = j, and it is called only while
+    some start is still undiverged, at most max_n - 1 times. `generator` must live on the
     device of `probs_TV`. `starts` defaults to `all_starts`; pass `chunk_aligned_starts` for the aligned variant.
     """
     num_tokens = tokens_T.shape[0]
@@ -206,10 +209,7 @@ def baseline_brier_terms(
         if active_A.numel() == 0:
             break  # every start has diverged: all later collision terms are 0
         continuation_AJ = torch.cat([continuation_AJ[still_same_A], draws_A2[still_same_A, :1]], dim=1)
-        prefixes = [
-            torch.cat([tokens_T[: int(start) + 1], continuation_J])
-            for start, continuation_J in zip(starts_S[active_A].tolist(), continuation_AJ)
-        ]
-        step_probs_AV = next_token_probs(prefixes).to(device=probs_TV.device, dtype=torch.float64)
+        step_probs_AV = next_token_probs(starts_S[active_A], continuation_AJ).to(device=probs_TV.device,
+                                                                                  dtype=torch.float64)
 
     return 2.0 * accuracy_SN - collision_SN

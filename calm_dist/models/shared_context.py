@@ -1,0 +1,71 @@
+"""The keys and values of one causal forward, kept per layer, that later forwards attend to.
+
+BrierLM's baseline rollouts (CALM.md §3.3) branch up to three sampled tokens from every start of a
+block whose context the teacher-forced forward has just run: recording that forward's keys and
+values lets each rollout step run only its new tokens (`Backbone.forward_tree`), instead of the
+context again for every branch. Recorded at the core attention's input, so the keys already carry
+their rotary positions and any backend that takes an explicit mask can attend to them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+class SharedContext:
+    """Keys and values of the forward run under `recording()` (batch 1), one pair per layer;
+    forwards run under `attending()` see those steps before their own, their mask covering
+    [their steps, recorded + their steps]."""
+
+    def __init__(self, backbone):
+        if not backbone.takes_attention_masks:
+            raise ValueError(f"attention backend {backbone.attention_backend!r} takes no explicit masks")
+        self._cores = [layer.self_attention.core_attention for layer in backbone.decoder.layers]
+        self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def length(self) -> int:
+        """Steps recorded."""
+        return self._kv[0][0].shape[0] if self._kv else 0
+
+    @contextlib.contextmanager
+    def _hooks(self, hook_for) -> Iterator[None]:
+        handles = [core.register_forward_pre_hook(hook_for(i)) for i, core in enumerate(self._cores)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def recording(self) -> contextlib.AbstractContextManager:
+        """Keep the keys and values (sequence-first, batch 1) the next forward computes."""
+        self._kv = [None] * len(self._cores)
+
+        def hook_for(i):
+            def record(module, args):
+                _, key, value = args[:3]
+                if key.shape[1] != 1:
+                    raise ValueError(f"a shared context is one sequence; this forward has batch {key.shape[1]}")
+                self._kv[i] = (key, value)
+
+            return record
+
+        return self._hooks(hook_for)
+
+    def attending(self) -> contextlib.AbstractContextManager:
+        """Forwards inside attend to the recorded steps first, then to their own."""
+        if not self._kv or any(kv is None for kv in self._kv):
+            raise RuntimeError("nothing recorded: run the context's forward under recording() first")
+
+        def hook_for(i):
+            def prepend(module, args):
+                query, key, value, *rest = args
+                recorded_key, recorded_value = self._kv[i]
+                return (query, torch.cat([recorded_key, key]), torch.cat([recorded_value, value]), *rest)
+
+            return prepend
+
+        return self._hooks(hook_for)
