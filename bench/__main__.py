@@ -28,6 +28,7 @@ BENCHMARKS = {
     "energy": "bench.energy",
     "generation": "bench.generation",
     "brier_eval": "bench.brier_eval",
+    "peers": "bench.peers",
     "training": "bench.training",
     "data": "bench.data_bench",
     "zero3": "bench.zero3",

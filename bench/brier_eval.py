@@ -75,8 +75,7 @@ def measure(model, blocks_BT: torch.Tensor, repeats: int) -> dict:
 def run(quick: bool = False, contexts: list[int] | None = None, blocks: int | None = None) -> BenchResult:
     start = time.perf_counter()
     result = BenchResult(NAME)
-    torch.set_grad_enabled(False)
-    try:
+    with torch.no_grad():
         contexts = contexts or ([64] if quick else [64, 256, 1024])
         longest = max(contexts) + 1
         cfg = job_config("tiny_baseline", [f"model.max_position_embeddings={max(longest, 256)}",
@@ -98,7 +97,5 @@ def run(quick: bool = False, contexts: list[int] | None = None, blocks: int | No
                 result.add(name, m["speedup"], "x", f">= {TARGET:g}x", at_least(m["speedup"], TARGET), note)
             else:
                 result.add(name, m["speedup"], "x", "", None, note)
-    finally:
-        torch.set_grad_enabled(True)
     result.seconds = time.perf_counter() - start
     return result

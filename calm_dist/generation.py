@@ -146,7 +146,7 @@ def generate_baseline(
 ) -> GenerationResult:
     """Token-by-token sampling from softmax(logits / T) with a KV cache. `pad_multiple=K` gives
     each prompt the same left padding as CALM sees, for like-for-like comparisons. Keyword
-    arguments: temperature, generator, eos_id."""
+    arguments: temperature, generator, eos_id, greedy (the most likely token at every step)."""
     return _per_group(_generate_baseline_group, prompts, pad_multiple, model=model,
                       max_new_tokens=max_new_tokens, pad_multiple=pad_multiple, **kwargs)
 
@@ -161,6 +161,7 @@ def _generate_baseline_group(
     generator: torch.Generator | None = None,
     eos_id: int | None = None,
     pad_multiple: int = 1,
+    greedy: bool = False,
 ) -> GenerationResult:
     if not 0 < float(temperature) <= 1:
         raise ValueError(f"temperature must be in (0, 1], got {temperature}")
@@ -173,8 +174,11 @@ def _generate_baseline_group(
     tokens = []
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        probs_BV = torch.softmax(logits_BV.float() / float(temperature), dim=-1)
-        next_B = torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+        if greedy:
+            next_B = logits_BV.argmax(dim=-1)
+        else:
+            probs_BV = torch.softmax(logits_BV.float() / float(temperature), dim=-1)
+            next_B = torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
         tokens.append(next_B)
         if eos_id is not None:
             finished |= next_B == eos_id

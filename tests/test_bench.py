@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from bench import brier_eval, energy, flops_check, generation, gpu_mfu, report, training, zero3
+from bench import brier_eval, energy, flops_check, generation, gpu_mfu, peers, report, training, zero3
 from bench.__main__ import main as bench_main
 from bench.common import job_config
 from calm_dist.flops import training_flops_per_token
@@ -134,3 +134,19 @@ def test_brier_eval_bench_scores_the_same_terms_both_ways_and_reports_the_ratio(
     assert figure.value == pytest.approx(details["speedup"]) and figure.value > 0
     assert details["max_term_difference"] < 1e-5 and details["rollout_rows_per_block"] > 0
     assert 0.1 < details["collision_rate"] < 0.6  # the scaled output layer collides like a trained model
+
+
+def test_peers_bench_hands_the_baseline_to_transformers_and_greedy_outputs_agree():
+    """The mapped LlamaForCausalLM computes our baseline's function: the same logits, the same
+    greedy tokens (the benchmark raises on a mismatch), and every figure is measured."""
+    from bench.common import build_baseline
+
+    ours = build_baseline(job_config("tiny_baseline", ["model.num_attention_heads=4", "model.num_query_groups=2"]))
+    ours = ours.eval()
+    peer = peers.to_transformers(ours)
+    tokens = torch.randint(1, 4000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(ours.logits(tokens), peer(tokens).logits, atol=1e-4)
+    result = peers.run(configs=["tiny"], new_tokens=6, repeats=1)
+    assert len(result.figures) == 4 and all(f.value > 0 for f in result.figures)
+    assert all(m["greedy_identical"] for m in result.details.values() if isinstance(m, dict) and m["greedy"])

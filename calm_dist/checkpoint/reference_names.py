@@ -113,16 +113,14 @@ def _head_rules(m: ModelConfig, blocks: int) -> list[Rule]:
             for r in rules]
 
 
-def calm_rules(m: ModelConfig, ae: AutoencoderConfig, head_blocks: int, embedded_autoencoder: bool = True) -> list[Rule]:
-    """CALM's rules (`m`, `ae` validated); `head_blocks` the energy head's residual blocks."""
+def backbone_rules(m: ModelConfig, ref_prefix: str) -> list[Rule]:
+    """The decoder's layers and final norm under Llama's names (`ref_prefix`: the reference CALM's
+    "transformer.", Hugging Face's LlamaForCausalLM "model.")."""
     d, f, heads, groups = m.hidden_size, m.intermediate_size, m.num_attention_heads, query_groups(m)
     head_dim = d // heads
-    rules = [Rule("embed_tokens.weight", (m.vocab_size, d), ("transformer.embed_tokens.weight",)),
-             *_linear("compressor.fc1", "embed_proj.0", 2 * d, m.patch_size * d, True),
-             *_linear("compressor.fc2", "embed_proj.2", d, 2 * d, True),
-             *_norm("compressor.norm", "embed_proj.3", d, True)]
+    rules = []
     for i in range(m.num_layers):
-        o, r = f"backbone.decoder.layers.{i}", f"transformer.layers.{i}"
+        o, r = f"backbone.decoder.layers.{i}", f"{ref_prefix}layers.{i}"
         rules += [*_norm(f"{o}.input_layernorm", f"{r}.input_layernorm", d, False),
                   Rule(f"{o}.self_attention.linear_qkv.weight", ((heads + 2 * groups) * head_dim, d),
                        (f"{r}.self_attn.q_proj.weight", f"{r}.self_attn.k_proj.weight", f"{r}.self_attn.v_proj.weight"),
@@ -132,7 +130,26 @@ def calm_rules(m: ModelConfig, ae: AutoencoderConfig, head_blocks: int, embedded
                   Rule(f"{o}.mlp.linear_fc1.weight", (2 * f, d),
                        (f"{r}.mlp.gate_proj.weight", f"{r}.mlp.up_proj.weight"), kind="cat"),
                   *_linear(f"{o}.mlp.linear_fc2", f"{r}.mlp.down_proj", d, f, False)]
-    rules += [*_norm("backbone.decoder.final_layernorm", "transformer.norm", d, False), *_head_rules(m, head_blocks)]
+    return rules + _norm("backbone.decoder.final_layernorm", f"{ref_prefix}norm", d, False)
+
+
+def llama_causal_lm_rules(m: ModelConfig) -> list[Rule]:
+    """The token baseline as Hugging Face's LlamaForCausalLM (untied embeddings): what the peers
+    benchmark hands to transformers."""
+    return [Rule("embed_tokens.weight", (m.vocab_size, m.hidden_size), ("model.embed_tokens.weight",)),
+            *backbone_rules(m, "model."),
+            Rule("lm_head.weight", (m.vocab_size, m.hidden_size), ("lm_head.weight",))]
+
+
+def calm_rules(m: ModelConfig, ae: AutoencoderConfig, head_blocks: int, embedded_autoencoder: bool = True) -> list[Rule]:
+    """CALM's rules (`m`, `ae` validated); `head_blocks` the energy head's residual blocks."""
+    d = m.hidden_size
+    rules = [Rule("embed_tokens.weight", (m.vocab_size, d), ("transformer.embed_tokens.weight",)),
+             *_linear("compressor.fc1", "embed_proj.0", 2 * d, m.patch_size * d, True),
+             *_linear("compressor.fc2", "embed_proj.2", d, 2 * d, True),
+             *_norm("compressor.norm", "embed_proj.3", d, True)]
+    rules += backbone_rules(m, "transformer.")
+    rules += _head_rules(m, head_blocks)
     if embedded_autoencoder:
         rules += autoencoder_rules(ae, AE_PREFIX, AE_PREFIX_REFERENCE)
     return rules

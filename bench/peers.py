@@ -1,0 +1,118 @@
+"""Peers: calm-dist's token baseline beside Hugging Face transformers' Llama, the same weights.
+
+Users compare a training system with what they already run. The token baseline is a Llama
+(RMSNorm, SwiGLU, RoPE, no biases, untied embeddings), so transformers' `LlamaForCausalLM` with
+our weights (mapped by `calm_dist.checkpoint.reference_names.llama_causal_lm_rules`) computes the
+same function. Measured, interleaved in one run:
+
+- generation tokens/s, calm-dist (`calm_dist.generation.generate_baseline`, megatron-core layers,
+  our KV cache) against `LlamaForCausalLM.generate` (its dynamic KV cache), greedy and sampled,
+  batch 1 and 8, the same prompts and number of new tokens; greedy outputs must be identical
+  (checked: a mismatch fails the benchmark).
+
+transformers is a benchmark-only dependency (requirements-bench.txt); nothing in calm_dist
+imports it. Not measured yet (issue 14): the training step against a plain transformers loop,
+construction memory under ZeRO-3.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from bench.common import build_baseline, job_config, time_interleaved
+from bench.report import BenchResult, at_least
+
+NAME = "peers"
+PROMPT_TOKENS = 16
+TARGET = 1.0  # calm-dist / transformers generation tokens/s
+# (name, preset, overrides): the tiny baseline, and in the full run a 12-layer d-768 one (GPT-2 small's shape).
+CONFIGS = {
+    "tiny": ("tiny_baseline", []),
+    "d768": ("tiny_baseline", ["model.num_layers=12", "model.hidden_size=768", "model.intermediate_size=2048",
+                               "model.num_attention_heads=12"]),
+}
+
+
+def to_transformers(model):
+    """`LlamaForCausalLM` holding `model`'s weights (fp32, eval), exactly mapped."""
+    from transformers import LlamaConfig, LlamaForCausalLM  # lazy: benchmark-only dependency
+
+    from calm_dist.checkpoint.reference_names import llama_causal_lm_rules, to_reference
+    from calm_dist.config.rules import query_groups
+
+    m = model.cfg
+    config = LlamaConfig(
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=query_groups(m), max_position_embeddings=m.max_position_embeddings,
+        rms_norm_eps=m.rms_norm_eps, rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
+        hidden_act="silu", attention_bias=False, mlp_bias=False, tie_word_embeddings=False,
+        bos_token_id=m.bos_token_id, eos_token_id=m.eos_token_id, pad_token_id=m.pad_token_id,
+    )
+    config._attn_implementation = "sdpa"
+    ours = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    weights = to_reference(llama_causal_lm_rules(m), ours, "the benchmark's baseline")
+    peer = LlamaForCausalLM(config)
+    missing, unexpected = peer.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise RuntimeError(f"Llama weights do not match: missing {missing}, unexpected {unexpected}")
+    return peer.eval()
+
+
+def measure(ours, peer, batch: int, new_tokens: int, greedy: bool, repeats: int) -> dict:
+    from calm_dist.generation import generate_baseline
+
+    g = torch.Generator().manual_seed(batch)
+    prompts_BT = torch.randint(1, ours.cfg.vocab_size - 1, (batch, PROMPT_TOKENS), generator=g)
+    out = {}
+
+    def run_ours():
+        out["ours"] = generate_baseline(ours, prompts_BT.tolist(), new_tokens, greedy=greedy,
+                                        generator=torch.Generator().manual_seed(0))
+
+    def run_peer():
+        out["peer"] = peer.generate(prompts_BT, attention_mask=torch.ones_like(prompts_BT), do_sample=not greedy,
+                                    max_new_tokens=new_tokens, min_new_tokens=new_tokens, top_k=None, top_p=None,
+                                    temperature=1.0, eos_token_id=None, pad_token_id=ours.cfg.pad_token_id)
+
+    seconds = time_interleaved({"ours": run_ours, "peer": run_peer}, repeats=repeats, warmup=1)
+    peer_tokens = out["peer"][:, PROMPT_TOKENS:].tolist()
+    assert all(len(row) == new_tokens for row in out["ours"].tokens + peer_tokens)
+    identical = out["ours"].tokens == peer_tokens
+    if greedy and not identical:
+        differ = next(i for i, (a, b) in enumerate(zip(out["ours"].tokens, peer_tokens)) if a != b)
+        raise AssertionError(f"greedy outputs differ (batch {batch}, row {differ}): the weights or the model differ")
+    tokens = batch * new_tokens
+    return {"batch": batch, "greedy": greedy, "new_tokens": new_tokens,
+            "ours_tokens_per_s": tokens / seconds["ours"], "transformers_tokens_per_s": tokens / seconds["peer"],
+            "ratio": seconds["peer"] / seconds["ours"], "greedy_identical": identical if greedy else None}
+
+
+def run(quick: bool = False, configs: list[str] | None = None, new_tokens: int | None = None,
+        repeats: int | None = None) -> BenchResult:
+    start = time.perf_counter()
+    result = BenchResult(NAME)
+    with torch.no_grad():
+        import transformers  # lazy: benchmark-only dependency
+
+        result.details["transformers"] = transformers.__version__
+        for name in configs or (["tiny"] if quick else ["tiny", "d768"]):
+            preset, overrides = CONFIGS[name]
+            ours = build_baseline(job_config(preset, overrides)).eval()
+            peer = to_transformers(ours)
+            for batch in (1, 8):
+                for greedy in (True, False):
+                    m = measure(ours, peer, batch, new_tokens or (32 if quick else 64), greedy,
+                                repeats or (2 if quick else 3))
+                    mode = "greedy" if greedy else "sampled"
+                    result.details[f"{name} b{batch} {mode}"] = m
+                    note = (f"{m['ours_tokens_per_s']:,.0f} vs {m['transformers_tokens_per_s']:,.0f} tokens/s"
+                            + ("; outputs identical" if greedy else ""))
+                    result.add(f"{name}: generation, batch {batch}, {mode}: calm-dist / transformers tokens/s",
+                               m["ratio"], "x", f">= {TARGET:g}x", at_least(m["ratio"], TARGET), note)
+            del ours, peer
+    result.seconds = time.perf_counter() - start
+    return result
