@@ -3,8 +3,14 @@ two things interleaved in one run (so that a noisy machine slows both alike)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -82,3 +88,33 @@ def parameter_count(*modules: nn.Module) -> int:
         for p in module.parameters():
             seen[id(p)] = p.numel()
     return sum(seen.values())
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_worker(worker: Path, world: int, out: Path, args: Sequence[str], timeout: float = 300.0) -> None:
+    """One torchrun launch of a bench worker (gloo, OMP_NUM_THREADS=1) writing into `out`; a
+    failure or a timeout raises RuntimeError with the start of the traceback."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), TORCH_EXTENSIONS_DIR=str(out / "torch_extensions"))
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(worker), "--out", str(out), *args]
+    process = subprocess.Popen(command, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        raise RuntimeError(f"{worker.name} at world {world} timed out after {timeout:.0f} s: {output[-2000:]}")
+    if process.returncode != 0:
+        first = output.find("Traceback")
+        cause = output[first:first + 1500] if first >= 0 else output[-1500:]
+        raise RuntimeError(f"{worker.name} at world {world} exited with {process.returncode}: {cause}")

@@ -8,25 +8,34 @@ same function. Measured, interleaved in one run:
 - generation tokens/s, calm-dist (`calm_dist.generation.generate_baseline`, megatron-core layers,
   our KV cache) against `LlamaForCausalLM.generate` (its dynamic KV cache), greedy and sampled,
   batch 1 and 8, the same prompts and number of new tokens; greedy outputs must be identical
-  (checked: a mismatch fails the benchmark).
+  (checked: a mismatch fails the benchmark);
+- training tokens/s on 1 rank: calm-dist's DeepSpeed ZeRO-3 engine, built as the trainer builds
+  it, against a plain PyTorch loop (AdamW with the same settings, gradient clipping) around
+  `LlamaForCausalLM`, the same initial weights and batches, steps interleaved in one process
+  (bench/workers/peer_step_worker.py); the first losses must agree.
 
 transformers is a benchmark-only dependency (requirements-bench.txt); nothing in calm_dist
-imports it. Not measured yet (issue 14): the training step against a plain transformers loop,
-construction memory under ZeRO-3.
+imports it. Not measured yet (issue 14): the 3d engine's step beside them, construction memory
+under ZeRO-3.
 """
 
 from __future__ import annotations
 
+import json
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from bench.common import build_baseline, job_config, time_interleaved
+from bench.common import build_baseline, job_config, launch_worker, time_interleaved
 from bench.report import BenchResult, at_least
 
 NAME = "peers"
 PROMPT_TOKENS = 16
 TARGET = 1.0  # calm-dist / transformers generation tokens/s
+STEP_TARGET = 0.9  # calm-dist / plain loop training tokens/s: within 10%
+STEP_WORKER = Path(__file__).resolve().parent / "workers" / "peer_step_worker.py"
 # (name, preset, overrides): the tiny baseline, and in the full run a 12-layer d-768 one (GPT-2 small's shape).
 CONFIGS = {
     "tiny": ("tiny_baseline", []),
@@ -114,5 +123,29 @@ def run(quick: bool = False, configs: list[str] | None = None, new_tokens: int |
                     result.add(f"{name}: generation, batch {batch}, {mode}: calm-dist / transformers tokens/s",
                                m["ratio"], "x", f">= {TARGET:g}x", at_least(m["ratio"], TARGET), note)
             del ours, peer
+    for name in configs or (["tiny"] if quick else ["tiny", "d768"]):
+        training_step(result, name, steps=2 if quick else 4)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def training_step(result: BenchResult, name: str, steps: int, overrides: tuple[str, ...] = ()) -> None:
+    """calm-dist's ZeRO-3 step (1 rank) against the plain transformers loop, in one worker process."""
+    preset, config_overrides = CONFIGS[name]
+    args = ["--preset", preset, "--steps", str(steps)]
+    for override in [*config_overrides, "training.micro_batch_size=4", *overrides]:
+        args += ["--override", override]
+    with tempfile.TemporaryDirectory(prefix="calm-bench-peers-") as tmp:
+        launch_worker(STEP_WORKER, 1, Path(tmp), args, timeout=900)
+        record = json.loads((Path(tmp) / "steps.json").read_text())
+    losses = record["first_losses"]
+    if abs(losses["ours"] - losses["peer"]) > 1e-4 * abs(losses["peer"]):
+        raise AssertionError(f"first training losses differ: calm-dist {losses['ours']}, transformers {losses['peer']}")
+    best = {side: min(seconds) for side, seconds in record["step_seconds"].items()}
+    tokens = record["tokens_per_step"]
+    ratio = best["peer"] / best["ours"]
+    result.details[f"{name} training step"] = {**record, "ratio": ratio}
+    result.add(f"{name}: training step (batch {record['batch']} x {record['seq_length']}), ZeRO-3 1 rank / plain "
+               "transformers loop, tokens/s", ratio, "x", f">= {STEP_TARGET:g}x", at_least(ratio, STEP_TARGET),
+               f"{tokens / best['ours']:,.0f} vs {tokens / best['peer']:,.0f} tokens/s; first losses "
+               f"{losses['ours']:.5f} and {losses['peer']:.5f}")

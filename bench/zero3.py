@@ -12,46 +12,20 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench.common import launch_worker
 from bench.report import BenchResult, at_most
 
 NAME = "zero3"
 WORKER = Path(__file__).resolve().parent / "workers" / "zero3_worker.py"
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch(world: int, out: Path, steps: int, timeout: float = 300.0) -> list[dict]:
     """One torchrun launch; returns the per-rank records."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), TORCH_EXTENSIONS_DIR=str(out / "torch_extensions"))
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(WORKER),
-               "--out", str(out), "--steps", str(steps)]
-    process = subprocess.Popen(command, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        raise RuntimeError(f"ZeRO-3 worker at world {world} timed out after {timeout:.0f} s: {output[-2000:]}")
-    if process.returncode != 0:
-        first = output.find("Traceback")
-        cause = output[first:first + 1500] if first >= 0 else output[-1500:]
-        raise RuntimeError(f"ZeRO-3 worker at world {world} exited with {process.returncode}: {cause}")
+    launch_worker(WORKER, world, out, ["--steps", str(steps)], timeout)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
 

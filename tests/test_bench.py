@@ -150,3 +150,15 @@ def test_peers_bench_hands_the_baseline_to_transformers_and_greedy_outputs_agree
     result = peers.run(configs=["tiny"], new_tokens=6, repeats=1)
     assert len(result.figures) == 4 and all(f.value > 0 for f in result.figures)
     assert all(m["greedy_identical"] for m in result.details.values() if isinstance(m, dict) and m["greedy"])
+
+
+def test_peers_training_step_starts_from_the_same_loss_on_both_sides():
+    """ZeRO-3 (1 rank, a real DeepSpeed engine) and the plain transformers loop step the same
+    weights on the same batch: the first losses agree (the benchmark raises otherwise)."""
+    result = report.BenchResult("peers")
+    peers.training_step(result, "tiny", steps=1, overrides=("model.num_layers=1", "model.hidden_size=64",
+                                                            "model.num_attention_heads=2", "data.seq_length=32"))
+    (figure,) = result.figures
+    record = result.details["tiny training step"]
+    assert figure.value > 0 and record["seq_length"] == 32 and record["batch"] == 4
+    assert record["first_losses"]["ours"] == pytest.approx(record["first_losses"]["peer"], rel=1e-5)
