@@ -101,7 +101,8 @@ def measure(ours, peer, batch: int, new_tokens: int, greedy: bool, repeats: int)
 
 
 def run(quick: bool = False, configs: list[str] | None = None, new_tokens: int | None = None,
-        repeats: int | None = None) -> BenchResult:
+        repeats: int | None = None, training_steps: int | None = None) -> BenchResult:
+    """Generation figures for each config, then its training step (`training_steps` 0: none)."""
     start = time.perf_counter()
     result = BenchResult(NAME)
     with torch.no_grad():
@@ -123,8 +124,9 @@ def run(quick: bool = False, configs: list[str] | None = None, new_tokens: int |
                     result.add(f"{name}: generation, batch {batch}, {mode}: calm-dist / transformers tokens/s",
                                m["ratio"], "x", f">= {TARGET:g}x", at_least(m["ratio"], TARGET), note)
             del ours, peer
-    for name in configs or (["tiny"] if quick else ["tiny", "d768"]):
-        training_step(result, name, steps=2 if quick else 4)
+    steps = (2 if quick else 4) if training_steps is None else training_steps
+    for name in (configs or (["tiny"] if quick else ["tiny", "d768"])) if steps else []:
+        training_step(result, name, steps=steps)
     result.seconds = time.perf_counter() - start
     return result
 
