@@ -105,11 +105,12 @@ def run(quick: bool = False, configs: list[str] | None = None, new_tokens: int |
     """Generation figures for each config, then its training step (`training_steps` 0: none)."""
     start = time.perf_counter()
     result = BenchResult(NAME)
+    names = configs or (["tiny"] if quick else ["tiny", "d768"])
     with torch.no_grad():
         import transformers  # lazy: benchmark-only dependency
 
         result.details["transformers"] = transformers.__version__
-        for name in configs or (["tiny"] if quick else ["tiny", "d768"]):
+        for name in names:
             preset, overrides = CONFIGS[name]
             ours = build_baseline(job_config(preset, overrides)).eval()
             peer = to_transformers(ours)
@@ -125,7 +126,7 @@ def run(quick: bool = False, configs: list[str] | None = None, new_tokens: int |
                                m["ratio"], "x", f">= {TARGET:g}x", at_least(m["ratio"], TARGET), note)
             del ours, peer
     steps = (2 if quick else 4) if training_steps is None else training_steps
-    for name in (configs or (["tiny"] if quick else ["tiny", "d768"])) if steps else []:
+    for name in names if steps else []:
         training_step(result, name, steps=steps)
     result.seconds = time.perf_counter() - start
     return result

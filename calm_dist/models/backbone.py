@@ -9,7 +9,6 @@ before it is built (`calm_dist.parallel.state.ensure_model_parallel` outside a l
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -210,11 +209,11 @@ class Backbone(torch.nn.Module):
         return self.attention_backend != "te"
 
     def forward_tree(self, x_BSD: torch.Tensor, positions_S: torch.Tensor, allowed_SK: torch.Tensor,
-                     context=None) -> torch.Tensor:
-        """Steps at arbitrary positions, each seeing only the keys `allowed_SK[step, key]` marks:
-        with a recorded `context` (`SharedContext`) the keys are its steps, then these; without, these.
-        Continuations branching from one context run in one forward (BrierLM's rollouts), and a
-        step's output equals what the causal forward of its own path computes."""
+                     context) -> torch.Tensor:
+        """Steps at arbitrary positions after a recorded `context` (`SharedContext`), each seeing only
+        the keys `allowed_SK[step, key]` marks: the context's steps, then these. Continuations
+        branching from one context run in one forward (BrierLM's rollouts), and a step's output
+        equals what the causal forward of its own path computes."""
         if not self.takes_attention_masks:
             raise ValueError("forward_tree needs an attention backend that takes explicit masks (not 'te')")
         if not (self.options.pre_process and self.options.post_process) or self.options.sequence_parallel:
@@ -222,7 +221,7 @@ class Backbone(torch.nn.Module):
         x_SBD = x_BSD.transpose(0, 1).contiguous()
         rotary_SD = self.rotary(int(positions_S.max()) + 1)[positions_S]  # each step's own position
         # megatron's mask convention: True = masked out; [1, 1, sq, sk] broadcasts over batch and heads.
-        with context.attending() if context is not None else contextlib.nullcontext():
+        with context.attending():
             h_SBD = self.decoder(x_SBD, attention_mask=~allowed_SK[None, None], rotary_pos_emb=rotary_SD)
         return h_SBD.transpose(0, 1)
 
