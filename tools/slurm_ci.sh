@@ -279,7 +279,7 @@ stop() {
     done
     if ((NODES > 1)); then
         for ((i = 1; i <= NODES; i++)); do  # whatever a job left running on a node
-            ip netns pids "$(node_name "$i")" 2>/dev/null | xargs -r kill -KILL 2>/dev/null || true
+            kill_namespace "$(node_name "$i")" || true
         done
         remove_network
     fi
@@ -300,12 +300,28 @@ node_index() {
     die "no node '$1' (nodes: $(node_name 1) .. $(node_name "$NODES"))"
 }
 
+# SIGKILL every process in a node's namespace until none is left. A process may exit between the
+# listing and the kill (kill then fails for that pid, which is fine), and one may fork meanwhile
+# (hence the repeat).
+kill_namespace() {
+    local pids _
+    for _ in $(seq 50); do
+        pids=$(ip netns pids "$1" 2>/dev/null) || return 0
+        [[ -z $pids ]] && return 0
+        # shellcheck disable=SC2086  # one argument per pid
+        kill -KILL $pids 2>/dev/null || true
+        sleep 0.1
+    done
+    log "processes still run in namespace $1 after 5 s of SIGKILL: $(ip netns pids "$1" | xargs)"
+    return 1
+}
+
 # A node that dies at once: every process on it (slurmd, slurmstepd, the job's ranks) gets SIGKILL;
 # its network stays up, as a rebooting machine's switch port does.
 crash_node() {
     local i
     i=$(node_index "$1")
-    ip netns pids "$1" | xargs -r kill -KILL
+    kill_namespace "$1" || die "could not crash $1"
     rm -f "$BASE/slurmd-$1.bgpid"
     log "crashed $1"
 }
