@@ -99,10 +99,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_worker(worker: Path, world: int, out: Path, args: Sequence[str], timeout: float = 300.0) -> None:
-    """One torchrun launch of a bench worker (gloo, OMP_NUM_THREADS=1) writing into `out`; a
-    failure or a timeout raises RuntimeError with the start of the traceback."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+def launch_worker(worker: Path, world: int, out: Path, args: Sequence[str], timeout: float = 300.0,
+                  extra_env: dict[str, str] | None = None) -> None:
+    """One torchrun launch of a bench worker (gloo, OMP_NUM_THREADS=1, `extra_env`) writing into
+    `out`; a failure or a timeout raises RuntimeError with the start of the traceback."""
+    env = dict(os.environ, **(extra_env or {}), OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), TORCH_EXTENSIONS_DIR=str(out / "torch_extensions"))
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
                "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(worker), "--out", str(out), *args]

@@ -9,14 +9,16 @@ same function. Measured, interleaved in one run:
   our KV cache) against `LlamaForCausalLM.generate` (its dynamic KV cache), greedy and sampled,
   batch 1 and 8, the same prompts and number of new tokens; greedy outputs must be identical
   (checked: a mismatch fails the benchmark);
-- training tokens/s on 1 rank: calm-dist's DeepSpeed ZeRO-3 engine, built as the trainer builds
-  it, against a plain PyTorch loop (AdamW with the same settings, gradient clipping) around
+- training tokens/s on 1 rank: calm-dist's DeepSpeed ZeRO-3 engine and its 3d engine
+  (megatron-core, TP = PP = 1, started from the same weights), built as the trainer builds them,
+  against a plain PyTorch loop (AdamW with the same settings, gradient clipping) around
   `LlamaForCausalLM`, the same initial weights and batches, steps interleaved in one process
-  (bench/workers/peer_step_worker.py); the first losses must agree.
+  (bench/workers/peer_step_worker.py); the first losses must agree;
+- host memory per rank while building a CALM-XL-shaped model for ZeRO-3, partitioned
+  (zero.Init, the default) and whole, at 1, 2 and 4 ranks (bench/construction.py).
 
 transformers is a benchmark-only dependency (requirements-bench.txt); nothing in calm_dist
-imports it. Not measured yet (issue 14): the 3d engine's step beside them, construction memory
-under ZeRO-3.
+imports it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 import torch
 
 from bench.common import build_baseline, job_config, launch_worker, time_interleaved
+from bench.construction import add_construction_figures
 from bench.report import BenchResult, at_least
 
 NAME = "peers"
@@ -101,8 +104,9 @@ def measure(ours, peer, batch: int, new_tokens: int, greedy: bool, repeats: int)
 
 
 def run(quick: bool = False, configs: list[str] | None = None, new_tokens: int | None = None,
-        repeats: int | None = None, training_steps: int | None = None) -> BenchResult:
-    """Generation figures for each config, then its training step (`training_steps` 0: none)."""
+        repeats: int | None = None, training_steps: int | None = None, construction: bool = True) -> BenchResult:
+    """Generation figures for each config, then its training step (`training_steps` 0: none), then
+    the construction memory under ZeRO-3 (bench/construction.py)."""
     start = time.perf_counter()
     result = BenchResult(NAME)
     names = configs or (["tiny"] if quick else ["tiny", "d768"])
@@ -128,12 +132,15 @@ def run(quick: bool = False, configs: list[str] | None = None, new_tokens: int |
     steps = (2 if quick else 4) if training_steps is None else training_steps
     for name in names if steps else []:
         training_step(result, name, steps=steps)
+    if construction:
+        add_construction_figures(result, quick)
     result.seconds = time.perf_counter() - start
     return result
 
 
 def training_step(result: BenchResult, name: str, steps: int, overrides: tuple[str, ...] = ()) -> None:
-    """calm-dist's ZeRO-3 step (1 rank) against the plain transformers loop, in one worker process."""
+    """calm-dist's ZeRO-3 and 3d steps (1 rank) against the plain transformers loop, in one worker
+    process; the first losses must agree."""
     preset, config_overrides = CONFIGS[name]
     args = ["--preset", preset, "--steps", str(steps)]
     for override in [*config_overrides, "training.micro_batch_size=4", *overrides]:
@@ -142,13 +149,17 @@ def training_step(result: BenchResult, name: str, steps: int, overrides: tuple[s
         launch_worker(STEP_WORKER, 1, Path(tmp), args, timeout=900)
         record = json.loads((Path(tmp) / "steps.json").read_text())
     losses = record["first_losses"]
-    if abs(losses["ours"] - losses["peer"]) > 1e-4 * abs(losses["peer"]):
-        raise AssertionError(f"first training losses differ: calm-dist {losses['ours']}, transformers {losses['peer']}")
+    for side in ("ours", "3d"):
+        if abs(losses[side] - losses["peer"]) > 1e-4 * abs(losses["peer"]):
+            raise AssertionError(f"first training losses differ: calm-dist ({side}) {losses[side]}, "
+                                 f"transformers {losses['peer']}")
     best = {side: min(seconds) for side, seconds in record["step_seconds"].items()}
     tokens = record["tokens_per_step"]
-    ratio = best["peer"] / best["ours"]
-    result.details[f"{name} training step"] = {**record, "ratio": ratio}
-    result.add(f"{name}: training step (batch {record['batch']} x {record['seq_length']}), ZeRO-3 1 rank / plain "
-               "transformers loop, tokens/s", ratio, "x", f">= {STEP_TARGET:g}x", at_least(ratio, STEP_TARGET),
-               f"{tokens / best['ours']:,.0f} vs {tokens / best['peer']:,.0f} tokens/s; first losses "
-               f"{losses['ours']:.5f} and {losses['peer']:.5f}")
+    ratios = {side: best["peer"] / best[side] for side in ("ours", "3d")}
+    result.details[f"{name} training step"] = {**record, "ratio": ratios["ours"], "ratio_3d": ratios["3d"]}
+    for side, engine in (("ours", "ZeRO-3"), ("3d", "3d (megatron-core)")):
+        result.add(f"{name}: training step (batch {record['batch']} x {record['seq_length']}), {engine} 1 rank / "
+                   "plain transformers loop, tokens/s", ratios[side], "x", f">= {STEP_TARGET:g}x",
+                   at_least(ratios[side], STEP_TARGET),
+                   f"{tokens / best[side]:,.0f} vs {tokens / best['peer']:,.0f} tokens/s; first losses "
+                   f"{losses[side]:.5f} and {losses['peer']:.5f}")

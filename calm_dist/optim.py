@@ -32,7 +32,9 @@ def param_groups(model: nn.Module, cfg: JobConfig) -> list[dict]:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        members.setdefault((module_group(name, stage), param.dim() >= 2), []).append(param)
+        # ZeRO-3 built partitioned: the parameter's own tensor is a flat shard; ds_shape is its shape.
+        matrix = len(getattr(param, "ds_shape", param.shape)) >= 2
+        members.setdefault((module_group(name, stage), matrix), []).append(param)
     groups = []
     for group in MODULE_GROUPS[stage]:
         for decay in (True, False):

@@ -147,18 +147,40 @@ def test_peers_bench_hands_the_baseline_to_transformers_and_greedy_outputs_agree
     tokens = torch.randint(1, 4000, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(ours.logits(tokens), peer(tokens).logits, atol=1e-4)
-    result = peers.run(configs=["tiny"], new_tokens=6, repeats=1, training_steps=0)  # the step: the next test
+    result = peers.run(configs=["tiny"], new_tokens=6, repeats=1, training_steps=0, construction=False)  # (own tests)
     assert len(result.figures) == 4 and all(f.value > 0 for f in result.figures)
     assert all(m["greedy_identical"] for m in result.details.values() if isinstance(m, dict) and m["greedy"])
 
 
 def test_peers_training_step_starts_from_the_same_loss_on_both_sides():
-    """ZeRO-3 (1 rank, a real DeepSpeed engine) and the plain transformers loop step the same
-    weights on the same batch: the first losses agree (the benchmark raises otherwise)."""
+    """ZeRO-3 (1 rank, a real DeepSpeed engine), the 3d engine (megatron-core) and the plain
+    transformers loop step the same weights on the same batch: the first losses agree (the
+    benchmark raises otherwise)."""
     result = report.BenchResult("peers")
     peers.training_step(result, "tiny", steps=1, overrides=("model.num_layers=1", "model.hidden_size=64",
                                                             "model.num_attention_heads=2", "data.seq_length=32"))
-    (figure,) = result.figures
+    zero3, three_d = result.figures
     record = result.details["tiny training step"]
-    assert figure.value > 0 and record["seq_length"] == 32 and record["batch"] == 4
+    assert zero3.value > 0 and three_d.value > 0 and record["seq_length"] == 32 and record["batch"] == 4
+    assert "ZeRO-3" in zero3.name and "3d" in three_d.name
     assert record["first_losses"]["ours"] == pytest.approx(record["first_losses"]["peer"], rel=1e-5)
+    assert record["first_losses"]["3d"] == pytest.approx(record["first_losses"]["peer"], rel=1e-5)
+
+
+def test_construction_memory_partitioned_stays_near_a_share_of_the_model_and_below_whole():
+    """Two ranks build an 8-layer model whose layers are its bulk (small vocabulary): built
+    partitioned, each rank's peak is about half the model plus one layer; built whole, all of it."""
+    from bench.construction import add_construction_figures
+
+    result = report.BenchResult("peers")
+    shape = ["model.num_layers=8", "model.num_mlp_layers=1", "model.hidden_size=512", "model.intermediate_size=1376",
+             "model.num_attention_heads=8", "model.vocab_size=513", "model.pad_token_id=512", "model.bos_token_id=0",
+             "model.eos_token_id=0", "autoencoder.hidden_size=64", "autoencoder.intermediate_size=128"]
+    add_construction_figures(result, quick=True, worlds=(2,), shape=shape)
+    (figure,) = result.figures
+    record = result.details["construction, world 2"]
+    part, whole = record["partitioned"], record["whole"]
+    assert part["model_bytes"] == whole["model_bytes"] > 100 << 20
+    assert whole["peak_bytes"] >= 0.9 * whole["model_bytes"]  # every weight, on every rank
+    assert part["peak_bytes"] < 0.75 * whole["peak_bytes"]
+    assert figure.met, figure

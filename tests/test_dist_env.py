@@ -7,18 +7,18 @@ import torch
 
 from calm_dist.common.dist_env import DistEnv, read_dist_env, resolve_device
 
-TORCHRUN = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}
-SLURM = {"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0"}
+TORCHRUN = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}
+SLURM = {"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0", "SLURM_NTASKS_PER_NODE": "2"}
 
 
 def test_torchrun_variables_win_over_slurms():
     # srun starting one torchrun per node: SLURM's variables count the torchruns, not the workers
-    assert read_dist_env({**SLURM, **TORCHRUN}) == DistEnv(rank=5, world_size=8, local_rank=1)
+    assert read_dist_env({**SLURM, **TORCHRUN}) == DistEnv(rank=5, world_size=8, local_rank=1, local_world_size=4)
 
 
 def test_slurm_variables_when_torchruns_are_absent_or_empty():
-    assert read_dist_env(SLURM) == DistEnv(rank=2, world_size=4, local_rank=0)
-    assert read_dist_env({**SLURM, "RANK": "", "WORLD_SIZE": " "}) == DistEnv(rank=2, world_size=4, local_rank=0)
+    assert read_dist_env(SLURM) == DistEnv(rank=2, world_size=4, local_rank=0, local_world_size=2)
+    assert read_dist_env({**SLURM, "RANK": "", "WORLD_SIZE": " "}) == DistEnv(rank=2, world_size=4, local_rank=0, local_world_size=2)
 
 
 def test_a_single_process_without_any_launcher():

@@ -1,7 +1,8 @@
 """Worker for bench/peers.py: one training step of the token baseline, calm-dist's ZeRO-3 engine
-(1 rank, gloo, built as the trainer builds it) against a plain PyTorch loop around transformers'
-LlamaForCausalLM holding the same initial weights, the same AdamW settings, gradient clipping and
-batches, steps interleaved (ours, theirs, ours, ...). Writes `<out>/steps.json`.
+and its 3d engine (megatron-core, TP = PP = 1; both 1 rank, gloo, built as the trainer builds them)
+against a plain PyTorch loop around transformers' LlamaForCausalLM holding the same initial
+weights, the same AdamW settings, gradient clipping and batches, steps interleaved (ours, 3d,
+theirs, ours, ...). Writes `<out>/steps.json`.
 
     torchrun --nproc_per_node 1 bench/workers/peer_step_worker.py --out DIR [--steps 4] [--preset tiny_baseline]
 """
@@ -37,12 +38,20 @@ def main() -> None:
     from calm_dist.config import load_config, validate
     from calm_dist.engines.deepspeed_config import build_ds_config
     from calm_dist.engines.deepspeed_zero import ZeroEngine
+    from calm_dist.engines.megatron_3d import build_3d_engine
     from calm_dist.parallel.state import current_layout, ensure_model_parallel
+    from safetensors.torch import save_file
 
     cfg = validate(load_config([args.preset], args.override), world_size=1)
     ours = build_baseline(cfg, seed=0)
     peer = to_transformers(ours).train()  # a copy of the initial weights, before ZeRO-3 takes ours
     ensure_model_parallel()
+    start_weights = Path(args.out) / "start.safetensors"  # the 3d engine starts from them (training.init_weights)
+    save_file({k: v.contiguous() for k, v in ours.state_dict().items() if isinstance(v, torch.Tensor)},
+              str(start_weights))
+    cfg_3d = validate(load_config([args.preset], [*args.override, "parallel.regime=3d", "parallel.zero_stage=0",
+                                                  f"training.init_weights={start_weights}"]), world_size=1)
+    engine_3d = build_3d_engine(cfg_3d, current_layout(), torch.device("cpu"))
     engine = ZeroEngine(ours, cfg, build_ds_config(cfg, on_cuda=False), current_layout(), torch.device("cpu")).ds
     o = cfg.optimizer
     optimizer = torch.optim.AdamW(peer.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
@@ -53,6 +62,9 @@ def main() -> None:
         engine.backward(loss)
         engine.step()
         return float(loss)
+
+    def step_3d(tokens):
+        return engine_3d.train_step(lambda: tokens, on_skip=lambda *skipped: None)["loss"]
 
     def step_peer(tokens):
         logits = peer(tokens[:, :-1]).logits
@@ -65,11 +77,11 @@ def main() -> None:
 
     g = torch.Generator().manual_seed(1)
     batch, block = cfg.training.micro_batch_size, cfg.derived.block_tokens
-    times = {"ours": [], "peer": []}
+    times = {"ours": [], "3d": [], "peer": []}
     first_losses = {}
     for step in range(args.warmup + args.steps):
         tokens = torch.randint(0, cfg.model.vocab_size - 1, (batch, block), generator=g)
-        for name, fn in (("ours", step_ours), ("peer", step_peer)):
+        for name, fn in (("ours", step_ours), ("3d", step_3d), ("peer", step_peer)):
             start = time.perf_counter()
             loss = fn(tokens)
             if step == 0:

@@ -20,6 +20,7 @@ class DistEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # ranks on this node
 
 
 def _first_int(env: Mapping[str, str], names: tuple[str, ...], default: int) -> int:
@@ -38,7 +39,8 @@ def read_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     env = os.environ if environ is None else environ
     return DistEnv(rank=_first_int(env, ("RANK", "SLURM_PROCID"), 0),
                    world_size=_first_int(env, ("WORLD_SIZE", "SLURM_NTASKS"), 1),
-                   local_rank=_first_int(env, ("LOCAL_RANK", "SLURM_LOCALID"), 0))
+                   local_rank=_first_int(env, ("LOCAL_RANK", "SLURM_LOCALID"), 0),
+                   local_world_size=_first_int(env, ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"), 1))
 
 
 def resolve_device(requested: str = "auto", env: DistEnv | None = None) -> torch.device:

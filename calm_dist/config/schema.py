@@ -127,6 +127,9 @@ class ParallelConfig:
     activation_recompute: Recompute = "none"  # selective: core attention; full: whole layers
     offload_optimizer: bool = False
     ds_preset: str = ""  # zero3 only: a ds_configs/*.json preset; empty: chosen from the precision
+    # zero3 with zero_stage 3: build the model under deepspeed.zero.Init, each module partitioned as
+    # soon as it is built, so that no rank ever holds the whole model (ignored otherwise).
+    zero_init: bool = True
 
 
 @dataclass

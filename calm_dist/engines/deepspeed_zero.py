@@ -9,13 +9,16 @@ that the next batches take their place.
 
 from __future__ import annotations
 
+import psutil
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from calm_dist.common.dist_env import read_dist_env
 from calm_dist.config.schema import JobConfig
+from calm_dist.engines.construction_memory import built_param_count, whole_model_refusal
 from calm_dist.engines.deepspeed_config import build_ds_config
-from calm_dist.engines.initial_weights import load_initial_weights
+from calm_dist.engines.initial_weights import load_initial_weights, load_initial_weights_partitioned
 from calm_dist.engines.model_build import build_model
 from calm_dist.engines.optimizer import build_optimizer
 from calm_dist.engines.protocol import NextBatch, OnSkip
@@ -105,7 +108,35 @@ class ZeroEngine:
 
 def build_zero_engine(cfg: JobConfig, layout: ParallelLayout, device: torch.device) -> ZeroEngine:
     """The configured model (started from training.init_weights when given) in DeepSpeed."""
+    ds_config = build_ds_config(cfg, on_cuda=device.type == "cuda")
+    return ZeroEngine(build_zero_model(cfg, ds_config), cfg, ds_config, layout, device)
+
+
+def build_zero_model(cfg: JobConfig, ds_config: dict) -> nn.Module:
+    """The model for DeepSpeed, started from training.init_weights when given. Under ZeRO-3 with
+    parallel.zero_init it is built partitioned: each module's parameters are split across the ranks
+    as soon as the module is built, so no rank holds the whole model (CALM's frozen autoencoder is
+    read whole from its file, then partitioned with the rest at deepspeed.initialize). Otherwise
+    every rank builds it whole, refused first when the node's ranks cannot hold that many copies."""
+    if partitioned_construction(cfg):
+        import deepspeed  # lazy: deepspeed picks its accelerator on import, after init_distributed's DS_ACCELERATOR
+
+        # mem_efficient_linear=False: otherwise zero.Init replaces torch.nn.functional.linear for
+        # the whole process.
+        model = build_model(cfg, construction=lambda: deepspeed.zero.Init(
+            config_dict_or_path=ds_config, mem_efficient_linear=False))
+        if cfg.training.init_weights:
+            load_initial_weights_partitioned(model, cfg.training.init_weights, rank=dist.get_rank())
+        return model
+    refusal = whole_model_refusal(built_param_count(cfg), read_dist_env().local_world_size,
+                                  psutil.virtual_memory().available)
+    if refusal:
+        raise ValueError(refusal)
     model = build_model(cfg)
     if cfg.training.init_weights:
         load_initial_weights(model, cfg.training.init_weights)
-    return ZeroEngine(model, cfg, build_ds_config(cfg, on_cuda=device.type == "cuda"), layout, device)
+    return model
+
+
+def partitioned_construction(cfg: JobConfig) -> bool:
+    return cfg.parallel.regime == "zero3" and cfg.parallel.zero_stage == 3 and cfg.parallel.zero_init

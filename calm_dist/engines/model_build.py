@@ -4,7 +4,9 @@ backbone's options from the parallel config."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable, ContextManager
 
 from torch import nn
 
@@ -16,9 +18,12 @@ from calm_dist.models.backbone import BackboneOptions
 from calm_dist.models.kinds import CALM_KIND, model_kind
 
 
-def build_model(cfg: JobConfig, backbone_options: BackboneOptions | None = None) -> nn.Module:
+def build_model(cfg: JobConfig, backbone_options: BackboneOptions | None = None,
+                construction: Callable[[], ContextManager] = nullcontext) -> nn.Module:
     """The stage's model; `backbone_options` (which layers, recompute) default to the config's
-    activation recomputation over the whole backbone."""
+    activation recomputation over the whole backbone. The model is constructed inside
+    `construction()` (DeepSpeed's partitioned construction, for one); CALM's frozen autoencoder is
+    read from its file before, outside it."""
     kind = model_kind(cfg.training.stage)
     if backbone_options is None:
         backbone_options = BackboneOptions(recompute=cfg.parallel.activation_recompute)
@@ -30,7 +35,8 @@ def build_model(cfg: JobConfig, backbone_options: BackboneOptions | None = None)
                 "(run stage autoencoder first; it writes <output_dir>/autoencoder)"
             )
         autoencoder = _frozen_autoencoder(Path(cfg.training.autoencoder_path), cfg)
-    return kind.build(cfg, backbone_options, autoencoder)
+    with construction():
+        return kind.build(cfg, backbone_options, autoencoder)
 
 
 def _frozen_autoencoder(path: Path, cfg: JobConfig) -> Autoencoder:

@@ -14,6 +14,7 @@ from torch import nn
 
 from calm_dist.config.schema import ModelConfig
 from calm_dist.models.backbone import Backbone, BackboneOptions
+from calm_dist.models.init import whole
 
 
 class BaselineOutput(NamedTuple):
@@ -40,8 +41,9 @@ class TokenBaseline(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.backbone = Backbone(cfg, attention_backend=attention_backend, options=backbone_options)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        nn.init.normal_(self.embed_tokens.weight, std=cfg.init_std)
-        nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+        with whole([self.embed_tokens.weight, self.lm_head.weight]):
+            nn.init.normal_(self.embed_tokens.weight, std=cfg.init_std)
+            nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
         self.token_loss = token_loss  # a vocabulary-parallel one under tensor parallelism
 
     def logits(self, tokens_BT: torch.Tensor, cache=None) -> torch.Tensor:

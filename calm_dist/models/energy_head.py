@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calm_dist.models.init import init_llama_
+from calm_dist.models.init import init_llama_, whole
 
 _LN_EPS = 1e-6
 
@@ -49,8 +49,9 @@ class EnergyHead(nn.Module):
         init_llama_(self, init_std)
         # Zero output: at init every sample coincides and only the fidelity term has a gradient
         # (CALM.md §8.9). Nothing re-initialises it later: there is no global init pass.
-        nn.init.zeros_(self.output.weight)
-        nn.init.zeros_(self.output.bias)
+        with whole(self.output.parameters()):
+            nn.init.zeros_(self.output.weight)
+            nn.init.zeros_(self.output.bias)
 
     def draw_noise(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """Uniform U[-0.5, 0.5]^E noise (not Gaussian), from the default generator of the device."""

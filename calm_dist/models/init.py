@@ -3,22 +3,51 @@
 Each module initialises its own children in its constructor; there is deliberately no global
 init pass, so nothing can overwrite the energy head's zero-initialised output layer or a loaded
 autoencoder (CALM.md §8.5).
+
+A model may be built partitioned (DeepSpeed ZeRO-3's `zero.Init`): each module's parameters are
+split across the ranks the moment its constructor returns, so a parent that initialises its
+children's weights must see them whole first (`whole`). Every rank runs the same initialisation
+on the same random stream, so the weights equal an unpartitioned build's, bit for bit.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
+from typing import Iterable, Iterator
+
 from torch import nn
+
+
+def is_partitioned(param: nn.Parameter) -> bool:
+    """A parameter split across ranks by DeepSpeed ZeRO-3 (it then carries a `ds_id`)."""
+    return hasattr(param, "ds_id")
+
+
+@contextmanager
+def whole(params: Iterable[nn.Parameter]) -> Iterator[None]:
+    """The parameters whole inside the block; rank 0's values are kept when it ends. A no-op for
+    parameters that are not partitioned. Collective when they are: every rank must enter."""
+    params = list(params)
+    if any(is_partitioned(p) for p in params):
+        import deepspeed  # lazy: only a partitioned build has DeepSpeed parameters
+
+        context = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    else:
+        context = nullcontext()
+    with context:
+        yield
 
 
 def init_llama_(module: nn.Module, std: float) -> None:
     """Normal(0, std) for every Linear and Embedding weight, zero biases, unit norm weights."""
     for sub in module.modules():
-        if isinstance(sub, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(sub.weight, mean=0.0, std=std)
-            if getattr(sub, "bias", None) is not None:
-                nn.init.zeros_(sub.bias)
-        elif isinstance(sub, (nn.LayerNorm, nn.RMSNorm)):
-            if sub.weight is not None:
-                nn.init.ones_(sub.weight)
-            if getattr(sub, "bias", None) is not None:
-                nn.init.zeros_(sub.bias)
+        with whole(sub.parameters(recurse=False)):
+            if isinstance(sub, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(sub.weight, mean=0.0, std=std)
+                if getattr(sub, "bias", None) is not None:
+                    nn.init.zeros_(sub.bias)
+            elif isinstance(sub, (nn.LayerNorm, nn.RMSNorm)):
+                if sub.weight is not None:
+                    nn.init.ones_(sub.weight)
+                if getattr(sub, "bias", None) is not None:
+                    nn.init.zeros_(sub.bias)

@@ -1,0 +1,81 @@
+"""Construction memory under ZeRO-3 (part of the peers benchmark): the host memory per rank for building a CALM-XL-shaped model,
+partitioned (parallel.zero_init=true, the default: DeepSpeed's zero.Init) and whole, at 1, 2 and 4
+ranks. Each (world, path) is one torchrun launch of bench/workers/construction_worker.py, which
+builds the model exactly as the trainer does and samples its resident set every millisecond.
+
+The shape is CALM-XL's width, vocabulary and head with fewer layers (the full model built whole
+by 4 ranks needs 30 GB; this machine has 24), with a random frozen autoencoder of the XL preset's
+shape read from a file as the trainer reads it. Target, partitioned: the peak per rank within
+1.2 x (model bytes / W) + a fixed overhead = CALM's autoencoder (read whole by every rank, then
+partitioned by deepspeed.initialize) + the largest single module (built whole for an instant before
+zero.Init splits it: the embedding table) + 256 MiB (allocator and Python).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from bench.common import job_config, launch_worker
+from bench.report import BenchResult, at_most
+
+WORKER = Path(__file__).resolve().parent / "workers" / "construction_worker.py"
+WORLDS = (1, 2, 4)
+SLACK = 256 << 20
+GIB = 1 << 30
+# glibc returns a freed block to the system only if it was mmapped, and its threshold for that grows
+# up to 32 MiB as blocks are freed: a smaller model's freed full-size weights would stay in the
+# resident set. The weights of a model at the sizes zero.Init is for are mostly above it (CALM-XL's
+# matrices: 25 to 134 MiB each), so the benchmark fixes the threshold at 1 MiB to see, at any size,
+# what such a model's construction needs.
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
+def random_autoencoder(overrides: list[str], out: Path) -> Path:
+    import torch
+
+    from calm_dist.models.autoencoder import Autoencoder
+    from calm_dist.models.autoencoder_io import save_autoencoder
+
+    cfg = job_config("calm_xl", [*overrides, "training.autoencoder_path=unused"])
+    torch.manual_seed(0)
+    return save_autoencoder(Autoencoder(cfg.autoencoder).state_dict(), cfg.autoencoder, out)
+
+
+def measure(world: int, zero_init: bool, overrides: list[str], tmp: Path) -> dict:
+    out = tmp / f"w{world}-{'partitioned' if zero_init else 'whole'}"
+    out.mkdir()
+    args = ["--preset", "calm_xl"]
+    for override in [*overrides, f"parallel.zero_init={str(zero_init).lower()}"]:
+        args += ["--override", override]
+    launch_worker(WORKER, world, out, args, timeout=900, extra_env=MALLOC)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    return max(ranks, key=lambda r: r["peak_bytes"])  # the rank that needed the most
+
+
+def add_construction_figures(result: BenchResult, quick: bool, worlds: tuple[int, ...] = WORLDS,
+                             shape: list[str] | None = None) -> None:
+    """One figure per world size into `result` (part of `python -m bench --only peers`); `shape`:
+    overrides of calm_xl's model and autoencoder instead of the benchmark's layer count."""
+    layers = 2 if quick else 8
+    overrides = [*(shape or [f"model.num_layers={layers}", "model.num_mlp_layers=1"]), "data.seq_length=1024",
+                 "training.micro_batch_size=1", "training.global_batch_size=4"]
+    result.details["construction shape"] = " ".join(shape) if shape else (
+        f"CALM-XL width/vocabulary, {layers} layers instead of 16")
+    with tempfile.TemporaryDirectory(prefix="calm-bench-construction-") as tmp:
+        tmp = Path(tmp)
+        ae = random_autoencoder(overrides, tmp / "autoencoder")
+        overrides.append(f"training.autoencoder_path={ae}")
+        for world in worlds:
+            part = measure(world, True, overrides, tmp)
+            whole = measure(world, False, overrides, tmp)
+            result.details[f"construction, world {world}"] = {"partitioned": part, "whole": whole}
+            overhead = part["autoencoder_bytes"] + part["largest_module_bytes"] + SLACK
+            limit = 1.2 * part["model_bytes"] / world + overhead
+            result.add(f"construction peak per rank, partitioned (zero.Init), {world} rank(s)",
+                       part["peak_bytes"] / GIB, "GiB", f"<= {limit / GIB:.2f} GiB", at_most(part["peak_bytes"], limit),
+                       f"model {part['model_bytes'] / GIB:.2f} GiB / {world} + overhead {overhead / GIB:.2f} GiB; "
+                       f"built whole: {whole['peak_bytes'] / GIB:.2f} GiB per rank "
+                       f"({whole['peak_bytes'] / part['peak_bytes']:.1f}x); {part['seconds']:.0f} s vs "
+                       f"{whole['seconds']:.0f} s")
