@@ -1,14 +1,16 @@
-"""Construction memory under ZeRO-3 (part of the peers benchmark): the host memory per rank for building a CALM-XL-shaped model,
-partitioned (parallel.zero_init=true, the default: DeepSpeed's zero.Init) and whole, at 1, 2 and 4
-ranks. Each (world, path) is one torchrun launch of bench/workers/construction_worker.py, which
-builds the model exactly as the trainer does and samples its resident set every millisecond.
+"""Construction memory under ZeRO-3 (part of the peers benchmark): the host memory per rank for
+building a CALM-XL-shaped model, partitioned (parallel.zero_init=true, the default: DeepSpeed's
+zero.Init) and whole, at 1, 2 and 4 ranks. Each (world, path) is one torchrun launch of
+bench/workers/construction_worker.py, which builds the model exactly as the trainer does and
+samples its resident set every millisecond.
 
-The shape is CALM-XL's width, vocabulary and head with fewer layers (the full model built whole
-by 4 ranks needs 30 GB; this machine has 24), with a random frozen autoencoder of the XL preset's
-shape read from a file as the trainer reads it. Target, partitioned: the peak per rank within
-1.2 x (model bytes / W) + a fixed overhead = CALM's autoencoder (read whole by every rank, then
-partitioned by deepspeed.initialize) + the largest single module (built whole for an instant before
-zero.Init splits it: the embedding table) + 256 MiB (allocator and Python).
+The shape is CALM-XL's width and vocabulary with 8 of its 16 layers and 1 head block of 4 (the
+full model built whole by 4 ranks needs 30 GB; this machine has 24; --quick: a 0.1 GiB model of
+8 small layers), with a random frozen autoencoder of the XL preset's shape read from a file as the
+trainer reads it. Target, partitioned: the peak per rank within 1.2 x (model bytes / W) + a fixed
+overhead = CALM's autoencoder (read whole by every rank, then partitioned by deepspeed.initialize)
++ the largest single module (built whole for an instant before zero.Init splits it: the embedding
+table) + 256 MiB (allocator and Python).
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ GIB = 1 << 30
 # matrices: 25 to 134 MiB each), so the benchmark fixes the threshold at 1 MiB to see, at any size,
 # what such a model's construction needs.
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+# --quick: 8 layers of d 512 whose bulk is the layers (a 513-token vocabulary), 0.1 GiB in all.
+QUICK_SHAPE = ["model.num_layers=8", "model.num_mlp_layers=1", "model.hidden_size=512", "model.intermediate_size=1376",
+               "model.num_attention_heads=8", "model.vocab_size=513", "model.pad_token_id=512", "model.bos_token_id=0",
+               "model.eos_token_id=0", "autoencoder.hidden_size=64", "autoencoder.intermediate_size=128"]
 
 
 def random_autoencoder(overrides: list[str], out: Path) -> Path:
@@ -58,11 +64,12 @@ def add_construction_figures(result: BenchResult, quick: bool, worlds: tuple[int
                              shape: list[str] | None = None) -> None:
     """One figure per world size into `result` (part of `python -m bench --only peers`); `shape`:
     overrides of calm_xl's model and autoencoder instead of the benchmark's layer count."""
-    layers = 2 if quick else 8
-    overrides = [*(shape or [f"model.num_layers={layers}", "model.num_mlp_layers=1"]), "data.seq_length=1024",
-                 "training.micro_batch_size=1", "training.global_batch_size=4"]
-    result.details["construction shape"] = " ".join(shape) if shape else (
-        f"CALM-XL width/vocabulary, {layers} layers instead of 16")
+    shape = shape or (QUICK_SHAPE if quick else ["model.num_layers=8", "model.num_mlp_layers=1"])
+    # fp32: the partitions keep the training precision (bf16 would halve them), the whole build is
+    # fp32 until deepspeed.initialize casts it; the same dtype on both sides isolates the partitioning.
+    overrides = [*shape, "data.seq_length=1024", "training.micro_batch_size=1", "training.global_batch_size=4",
+                 "training.precision=fp32"]
+    result.details["construction shape"] = " ".join(shape)
     with tempfile.TemporaryDirectory(prefix="calm-bench-construction-") as tmp:
         tmp = Path(tmp)
         ae = random_autoencoder(overrides, tmp / "autoencoder")

@@ -173,10 +173,7 @@ def test_construction_memory_partitioned_stays_near_a_share_of_the_model_and_bel
     from bench.construction import add_construction_figures
 
     result = report.BenchResult("peers")
-    shape = ["model.num_layers=8", "model.num_mlp_layers=1", "model.hidden_size=512", "model.intermediate_size=1376",
-             "model.num_attention_heads=8", "model.vocab_size=513", "model.pad_token_id=512", "model.bos_token_id=0",
-             "model.eos_token_id=0", "autoencoder.hidden_size=64", "autoencoder.intermediate_size=128"]
-    add_construction_figures(result, quick=True, worlds=(2,), shape=shape)
+    add_construction_figures(result, quick=True, worlds=(2,))  # the --quick shape
     (figure,) = result.figures
     record = result.details["construction, world 2"]
     part, whole = record["partitioned"], record["whole"]

@@ -19,7 +19,7 @@ from calm_dist.models.autoencoder import Autoencoder
 from calm_dist.models.backbone import Backbone, BackboneOptions
 from calm_dist.models.compressor import ChunkCompressor
 from calm_dist.models.energy_head import EnergyHead
-from calm_dist.models.init import whole
+from calm_dist.models.init import NormalEmbedding
 from calm_dist.ops.collapse import pairwise_cosine_tensor
 from calm_dist.ops.energy import energy_loss
 
@@ -54,9 +54,7 @@ class CALM(nn.Module):
             )
         self.cfg = cfg
         d = cfg.hidden_size
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, d)
-        with whole([self.embed_tokens.weight]):
-            nn.init.normal_(self.embed_tokens.weight, std=cfg.init_std)
+        self.embed_tokens = NormalEmbedding(cfg.vocab_size, d, cfg.init_std)
         self.compressor = ChunkCompressor(d, cfg.patch_size, cfg.init_std)
         self.backbone = Backbone(cfg, attention_backend=attention_backend, options=backbone_options)
         self.head = EnergyHead(d, cfg.latent_size, cfg.noise_size, head_blocks(cfg), cfg.init_std)
