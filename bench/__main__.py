@@ -30,6 +30,7 @@ BENCHMARKS = {
     "brier_eval": "bench.brier_eval",
     "peers": "bench.peers",
     "training": "bench.training",
+    "cost_curves": "bench.cost_curves",
     "data": "bench.data_bench",
     "zero3": "bench.zero3",
     "gpu": "bench.gpu_mfu",

@@ -181,3 +181,14 @@ def test_construction_memory_partitioned_stays_near_a_share_of_the_model_and_bel
     assert whole["peak_bytes"] >= 0.9 * whole["model_bytes"]  # every weight, on every rank
     assert part["peak_bytes"] < 0.75 * whole["peak_bytes"]
     assert figure.met, figure
+
+
+def test_cost_curves_measure_both_models_along_both_axes_and_draw_them(tmp_path):
+    from bench import cost_curves
+
+    result = cost_curves.run(quick=True, out_dir=tmp_path)
+    assert len(result.figures) == 4 and all(f.value > 0 for f in result.figures)
+    points = result.details["points"]
+    assert [m["seq_tokens"] for m in points["length"]] == list(cost_curves.QUICK_LENGTHS)
+    assert [m["batch"] for m in points["batch"]] == list(cost_curves.QUICK_BATCHES)
+    assert result.pngs == [str(tmp_path / "cost_curves.png")] and (tmp_path / "cost_curves.png").stat().st_size > 10_000
