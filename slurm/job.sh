@@ -84,7 +84,8 @@ try:
 except OSError as err:
     errors.append(f"error: node {node} cannot reach the rendezvous {addr}:{port} on the first node ({err}): "
                   "set CALM_MASTER_ADDR in the site file to an address every node reaches, and let the port through")
-print("\n".join(errors), file=sys.stderr)
+if errors:
+    print("\n".join(errors), file=sys.stderr)
 sys.exit(2 if errors else 0)' "$addr" "$port" "$marker" || rc=$?
     kill "$listener" 2>/dev/null || true
     wait "$listener" 2>/dev/null || true

@@ -293,10 +293,13 @@ def test_a_sweep_array_whose_tasks_each_take_two_nodes(cluster, data, tmp_path):
 
 
 def test_a_node_that_cannot_reach_the_rendezvous_stops_the_job_before_any_rank_starts(cluster, data, tmp_path):
-    """CALM_MASTER_ADDR that no node reaches (an address nobody holds on the nodes' network): each
-    node says so in one line, the job fails with exit 2 before any rank starts, nothing trains."""
+    """CALM_MASTER_ADDR that no node reaches: each node says so in one line, the job fails with
+    exit 2 before any rank starts, nothing trains. The address is TEST-NET-1 (RFC 5737, never
+    routed; the nodes have no route to it, so every node fails at once). An unused address on the
+    nodes' own subnet fails only after ARP gives up, and once in CI one node's connection to such an
+    address succeeded (unexplained), so it would test the network rather than the check."""
     run_dir, log = tmp_path / "run", tmp_path / "train.out"
-    unreachable = cluster.get("SLURM_CI_SUBNET", "10.77.0") + ".99"  # the nodes' subnet, no one there
+    unreachable = "192.0.2.1"
     jid = submit(cluster, data, "train.sbatch", run_dir, log, CALM_MASTER_ADDR=unreachable)
     wait_gone(cluster, jid, timeout=90)
     text = log.read_text()
