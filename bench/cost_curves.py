@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from bench.report import BenchResult, matplotlib_pyplot
+from bench.report import BenchResult, matplotlib_pyplot, save_png
 from bench.training import measure
 
 NAME = "cost_curves"
@@ -69,10 +69,6 @@ def run(quick: bool = False, out_dir: Path | None = None) -> BenchResult:
             result.add(f"{model}: tokens/s at {axis} {last[key]} / at {axis} {first[key]}", ratio, "x", "", None,
                        f"{first[f'{model}_tokens_per_s']:,.0f} -> {last[f'{model}_tokens_per_s']:,.0f} tokens/s; "
                        "1x: cost linear in the work")
-    if out_dir is not None:
-        png = Path(out_dir) / "cost_curves.png"
-        png.parent.mkdir(parents=True, exist_ok=True)
-        if plot(points, png):
-            result.pngs.append(str(png))
+    save_png(result, out_dir, "cost_curves.png", lambda png: plot(points, png))
     result.seconds = time.perf_counter() - start
     return result

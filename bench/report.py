@@ -211,3 +211,14 @@ def matplotlib_pyplot():
     except ImportError:
         return None
     return plt
+
+
+def save_png(result: BenchResult, out_dir: Path | None, name: str, draw) -> None:
+    """`draw(path)` into `out_dir/name` and list it in `result` (nothing without an out_dir, or
+    when draw returns False: no matplotlib)."""
+    if out_dir is None:
+        return
+    png = Path(out_dir) / name
+    png.parent.mkdir(parents=True, exist_ok=True)
+    if draw(png):
+        result.pngs.append(str(png))

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from bench.common import build_baseline, build_calm, job_config, quiet_imports, time_interleaved
-from bench.report import BenchResult, fraction_of_limit, matplotlib_pyplot
+from bench.report import BenchResult, fraction_of_limit, matplotlib_pyplot, save_png
 from calm_dist.flops import training_flops_per_token
 
 NAME = "training"
@@ -208,11 +208,8 @@ def run(quick: bool = False, out_dir: Path | None = None, configs: list[str] | N
                             "CALM's step (under 1% of the FLOPs at the paper's shapes)")
         result.add(f"{name}: achieved GFLOP/s, CALM / baseline", m["calm_gflops_per_s"], "GFLOP/s", "", None,
                    f"baseline {m['baseline_gflops_per_s']:.1f} GFLOP/s (model FLOPs by our formula)")
-    if out_dir is not None and measurements:
-        png = Path(out_dir) / "training_breakdown.png"
-        png.parent.mkdir(parents=True, exist_ok=True)
-        if plot_breakdown(measurements, png):
-            result.pngs.append(str(png))
+    if measurements:
+        save_png(result, out_dir, "training_breakdown.png", lambda png: plot_breakdown(measurements, png))
     result.seconds = time.perf_counter() - start
     return result
 
