@@ -17,6 +17,7 @@ from calm_dist.models.scoring import (
     recomputed_next_token_probs,
     rollout_tree,
     score_baseline_block,
+    score_baseline_blocks,
     tree_next_token_probs,
 )
 from calm_dist.models.shared_context import SharedContext
@@ -298,12 +299,17 @@ def test_calm_brierlm_is_computed_on_real_blocks(trained_pair):
     assert again == report
 
 
-def teacher_forced(model, tokens):
-    """The teacher-forced next-token distributions of a block, and its recorded context."""
+def teacher_forced(model, blocks):
+    """The teacher-forced next-token distributions of blocks, and their recorded context."""
     context = SharedContext(model.backbone)
     with context.recording():
-        probs = torch.softmax(model.logits(tokens[None, :-1])[0].float(), dim=-1)
+        probs = torch.softmax(model.logits(blocks[:, :-1]).float(), dim=-1)
     return probs, context
+
+
+def one_block(next_token_probs):
+    """A multi-block rollout callable on block 0 only: (starts, continuation) -> probabilities."""
+    return lambda starts, continuation: next_token_probs(torch.zeros_like(starts), starts, continuation)
 
 
 @pytest.mark.parametrize("backend,groups", [("sdpa", 0), ("sdpa", 2), ("local", 0)])
@@ -315,23 +321,46 @@ def test_baseline_rollouts_tree_and_recomputed_agree_with_teacher_forcing(backen
     model = TokenBaseline(cfg.model).eval()
     tokens = torch.randint(0, 96, (20,))
     with torch.no_grad():
-        teacher, context = teacher_forced(model, tokens)
-        assert context.length == 19
+        teacher, context = teacher_forced(model, tokens[None])
+        teacher = teacher[0]
+        assert context.length == 19 and context.blocks == 1
         starts = torch.tensor([0, 4, 11, 14, 7])
         for width in (1, 2, 3):  # continuation = the true next tokens: the path is tokens[: start + 1 + width]
             continuation = tokens[starts[:, None] + 1 + torch.arange(width)]
             expected = teacher[starts + width]
-            grouped = tree_next_token_probs(model, tokens, context, rows_per_forward=2)(starts, continuation)
-            whole = tree_next_token_probs(model, tokens, context)(starts, continuation)
-            recomputed = recomputed_next_token_probs(model, tokens)(starts, continuation)
+            grouped = one_block(tree_next_token_probs(model, tokens[None], context, rows_per_forward=2))(starts, continuation)
+            whole = one_block(tree_next_token_probs(model, tokens[None], context))(starts, continuation)
+            recomputed = one_block(recomputed_next_token_probs(model, tokens[None]))(starts, continuation)
             for probs in (grouped, whole, recomputed):
                 assert torch.allclose(probs, expected, atol=1e-5), (width, (probs - expected).abs().max())
         # A continuation off the true path (sampled tokens) agrees between the two paths too.
         off_path = torch.randint(0, 96, (5, 3))
-        assert torch.allclose(tree_next_token_probs(model, tokens, context)(starts, off_path),
-                              recomputed_next_token_probs(model, tokens)(starts, off_path), atol=1e-5)
-    assert baseline_next_token_probs(model, tokens, context).__qualname__.startswith("tree_next_token_probs")
-    assert baseline_next_token_probs(model, tokens, None).__qualname__.startswith("recomputed_next_token_probs")
+        assert torch.allclose(one_block(tree_next_token_probs(model, tokens[None], context))(starts, off_path),
+                              one_block(recomputed_next_token_probs(model, tokens[None]))(starts, off_path), atol=1e-5)
+    assert baseline_next_token_probs(model, tokens[None], context).__qualname__.startswith("tree_next_token_probs")
+    assert baseline_next_token_probs(model, tokens[None], None).__qualname__.startswith("recomputed_next_token_probs")
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "local"])
+def test_tree_rollouts_over_several_blocks_see_only_their_own_block(backend):
+    """Three blocks recorded in one forward: rows of every block mixed in one rollout forward each
+    get what the teacher-forced forward of their own path gives, so no row sees another block."""
+    cfg = tiny_cfg(**{"attention_backend": backend})
+    torch.manual_seed(0)
+    model = TokenBaseline(cfg.model).eval()
+    blocks = torch.randint(0, 96, (3, 20))
+    with torch.no_grad():
+        teacher, context = teacher_forced(model, blocks)
+        assert (context.blocks, context.steps_per_block, context.length) == (3, 19, 57)
+        rows = torch.tensor([2, 0, 1, 0, 2, 1])
+        starts = torch.tensor([3, 9, 0, 14, 12, 5])
+        for width in (1, 3):
+            continuation = blocks[rows[:, None], starts[:, None] + 1 + torch.arange(width)]
+            expected = teacher[rows, starts + width]
+            for rollout in (tree_next_token_probs(model, blocks, context, rows_per_forward=4),
+                            recomputed_next_token_probs(model, blocks)):
+                probs = rollout(rows, starts, continuation)
+                assert torch.allclose(probs, expected, atol=1e-5), (width, (probs - expected).abs().max())
 
 
 def test_baseline_brier_terms_are_the_same_from_both_rollout_paths():
@@ -343,12 +372,12 @@ def test_baseline_brier_terms_are_the_same_from_both_rollout_paths():
         model.lm_head.weight.mul_(40)  # peaked distributions: the two draws often agree, rollouts go deep
     calls = []
 
-    def counted_tree(model, block, context):
-        inner = tree_next_token_probs(model, block, context)
+    def counted_tree(model, blocks, context):
+        inner = tree_next_token_probs(model, blocks, context)
 
-        def next_token_probs(starts, continuation):
+        def next_token_probs(rows, starts, continuation):
             calls.append(tuple(continuation.shape))
-            return inner(starts, continuation)
+            return inner(rows, starts, continuation)
 
         return next_token_probs
 
@@ -361,12 +390,49 @@ def test_baseline_brier_terms_are_the_same_from_both_rollout_paths():
     assert max(rows for rows, width in calls if width == 3) >= 5, calls  # rows continued three times
 
 
+def test_blocks_scored_together_get_the_figures_each_gets_alone():
+    """score_baseline_blocks: one teacher-forced forward and one rollout forward per step for all the
+    blocks, each block drawing from its own seed: every block's loss and terms equal its own
+    score, and the rollouts of the blocks were batched (one call per step, not one per block)."""
+    cfg = tiny_cfg()
+    torch.manual_seed(1)
+    model = TokenBaseline(cfg.model).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)
+    blocks = torch.randint(0, 96, (5, 33), generator=torch.Generator().manual_seed(2))
+    seeds = [11, 3, 7, 4, 20]
+    calls = []
+
+    def counted(model, blocks, context):
+        inner = tree_next_token_probs(model, blocks, context)
+
+        def next_token_probs(rows, starts, continuation):
+            calls.append(sorted(set(rows.tolist())))
+            return inner(rows, starts, continuation)
+
+        return next_token_probs
+
+    together = score_baseline_blocks(model, blocks, seeds, rollout=counted)
+    assert len(calls) <= 3 and len(calls[0]) > 1, calls  # one call per step, several blocks in it
+    for block, seed, got in zip(blocks, seeds, together):
+        alone = score_baseline_block(model, block, seed)
+        assert got.loss == pytest.approx(alone.loss, rel=1e-5) and got.loss_weight == alone.loss_weight
+        for family in ("all", "aligned"):
+            assert torch.allclose(got.brier[family], alone.brier[family], atol=1e-6), family
+
+
 def test_rollout_tree_layout():
     """Two rows from starts 1 and 3 of a 4-step context, two tokens each: positions, who sees whom."""
     positions, allowed = rollout_tree(torch.tensor([1, 3]), torch.tensor([[7, 8], [9, 5]]), context=4)
     assert positions.tolist() == [2, 3, 4, 5]
     rows = ["".join("x" if a else "." for a in row) for row in allowed.tolist()]
     assert rows == ["xx..x...", "xx..xx..", "xxxx..x.", "xxxx..xx"]
+    # Two blocks of 3 steps end to end: a row of the second block sees only its own block's steps.
+    positions, allowed = rollout_tree(torch.tensor([1, 0]), torch.tensor([[7], [9]]), context=6,
+                                      offsets_A=torch.tensor([3, 0]))
+    assert positions.tolist() == [2, 1]
+    rows = ["".join("x" if a else "." for a in row) for row in allowed.tolist()]
+    assert rows == ["...xx.x.", "x......x"]
 
 
 def test_a_shared_context_refuses_what_it_cannot_hold():
@@ -375,9 +441,6 @@ def test_a_shared_context_refuses_what_it_cannot_hold():
     context = SharedContext(model.backbone)
     with pytest.raises(RuntimeError, match="nothing recorded"):
         context.attending()
-    with torch.no_grad(), pytest.raises(ValueError, match="one sequence; this forward has batch 2"):
-        with context.recording():
-            model.logits(torch.zeros(2, 5, dtype=torch.long))
 
 
 def test_baseline_rollout_on_real_blocks():

@@ -229,6 +229,13 @@ def test_eval_writes_reports_for_calm_baseline_and_autoencoder(runs, corpus, hel
     assert _eval(runs["baseline"], "--data", corpus.valid.directory, "--context-steps", 48, "--max-blocks", 3,
                  "--out", tmp_path / "from_shards.json") == 0
     assert json.loads((tmp_path / "from_shards.json").read_text())["metrics"] == metrics
+    # Blocks scored one at a time instead of together (the run's micro-batch): the same figures.
+    assert base["blocks_per_forward"] == 4  # the run's training.micro_batch_size: the 3 blocks in one forward
+    assert _eval(runs["baseline"], "--data", corpus.valid.directory, "--context-steps", 48, "--max-blocks", 3,
+                 "--blocks-per-forward", 1, "--out", tmp_path / "one_by_one.json") == 0
+    one_by_one = json.loads((tmp_path / "one_by_one.json").read_text())["metrics"]
+    for key in ("ce", "brier1", "brier2", "brier3", "brier4", "brierlm"):
+        assert one_by_one[key] == pytest.approx(metrics[key], rel=1e-6, abs=1e-9), key
 
     # The autoencoder: reconstruction from a posterior sample and from the mean.
     assert _eval(runs["autoencoder"], "--data", corpus.valid.directory, "--context-steps", 16, "--max-blocks", 2,
@@ -274,6 +281,8 @@ def test_eval_refuses_bad_input_with_one_clear_line(runs, corpus, tmp_path, caps
     assert "too little data" in refused(runs["baseline"], "--data", tiny)
     assert "max_position_embeddings" in refused(runs["calm"], "--data", tiny, "--context-steps", 65)
     assert "no such file" in refused(runs["calm"], "--data", tmp_path / "missing.txt")
+    assert "--blocks-per-forward must be >= 1" in refused(runs["baseline"], "--data", corpus.valid.directory,
+                                                           "--blocks-per-forward", 0)
 
 
 # Generation ------------------------------------------------------------------------------------
@@ -369,7 +378,7 @@ def test_data_whose_ids_are_not_the_models_is_refused_by_training_and_evaluation
 def test_baseline_brier_under_zero3_on_two_ranks_equals_one_process(tmp_path):
     """ZeRO-3 gathers each layer's weights collectively, so both ranks must run the same rollout
     forwards although their blocks need different numbers (the lockstep): the two-rank figures
-    equal one process scoring every block."""
+    equal one process scoring every block, whether a rank scores its blocks one by one or together."""
     from calm_dist.evaluation.scorer import block_seed, score_blocks
     from calm_dist.models.scoring import score_baseline_block, tree_next_token_probs
     from calm_dist.parallel.state import ensure_model_parallel
@@ -377,7 +386,7 @@ def test_baseline_brier_under_zero3_on_two_ranks_equals_one_process(tmp_path):
     from tests.workers.lockstep_worker import tiny_peaked_baseline
 
     run_worker("lockstep_worker", "--out", str(tmp_path), tmp_path=tmp_path, timeout=240)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = [json.loads((tmp_path / f"rank{r}_by{n}.json").read_text()) for r in (0, 1) for n in (1, 2)]
 
     ensure_model_parallel()
     model = tiny_peaked_baseline(seed=0).eval()
@@ -391,12 +400,12 @@ def test_baseline_brier_under_zero3_on_two_ranks_equals_one_process(tmp_path):
     rows = {}  # the rollout rows each block needs, call by call: the ranks' blocks differ
 
     def counted(block_index):
-        def factory(model, block, context):
-            inner = tree_next_token_probs(model, block, context)
+        def factory(model, blocks, context):
+            inner = tree_next_token_probs(model, blocks, context)
 
-            def next_token_probs(starts, continuation):
+            def next_token_probs(in_block, starts, continuation):
                 rows.setdefault(block_index, []).append(len(starts))
-                return inner(starts, continuation)
+                return inner(in_block, starts, continuation)
 
             return next_token_probs
 

@@ -72,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-blocks", type=int, default=None, help="evaluate at most this many blocks")
     parser.add_argument("--out", default=None, help="write the JSON report here (rank 0)")
     parser.add_argument("--seed", type=int, default=0, help="seeds each block's sampling")
+    parser.add_argument("--blocks-per-forward", type=int, default=None,
+                        help="blocks the token baseline scores in one forward (its BrierLM rollouts too); the "
+                             "figures do not depend on it beyond float rounding (default: the model's "
+                             "training.micro_batch_size, as its training's evaluation did)")
     parser.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available), cpu, cuda")
     return parser
 
@@ -88,12 +92,15 @@ class EvalInputs:
             self.rank, self.world = info.rank, info.world_size
         if args.max_blocks is not None and args.max_blocks < 1:
             raise EvalInputError(f"--max-blocks must be >= 1, got {args.max_blocks}")
+        if args.blocks_per_forward is not None and args.blocks_per_forward < 1:
+            raise EvalInputError(f"--blocks-per-forward must be >= 1, got {args.blocks_per_forward}")
         if not Path(args.model).exists():
             raise EvalInputError(f"{args.model}: no such model (give a training run, checkpoint or converted "
                                  "directory)")
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation talks; stdout is the report's
             self.pretrained = pre = load_pretrained(args.model, device=self.device)
         self.kind = pre.kind
+        self.blocks_per_forward = args.blocks_per_forward or pre.config.training.micro_batch_size
         # Vocabulary and special ids live in the job's model section for every stage.
         ids_cfg = pre.config.model
         # Validation holds model.patch_size equal to the autoencoder's, and at least MAX_N for CALM
@@ -114,7 +121,7 @@ def evaluate(inputs: EvalInputs, seed: int) -> tuple[dict, int, float]:
     start = time.perf_counter()
     # Each rank holds the whole model, so the baseline's rollouts need no lockstep.
     tally = score_blocks(inputs.pretrained.model, inputs.kind, inputs.blocks, seed, inputs.device, rank=inputs.rank,
-                         world_size=inputs.world)
+                         world_size=inputs.world, blocks_per_forward=inputs.blocks_per_forward)
     seconds = time.perf_counter() - start
     metrics, positions = metrics_from(inputs.kind, tally, inputs.blocks.shape[0] * inputs.world, inputs.block_tokens)
     return metrics, positions, seconds
@@ -127,6 +134,7 @@ def build_report(args: argparse.Namespace, inputs: EvalInputs, metrics: dict, po
         "model": str(args.model), "data": [str(p) for p in args.data],
         "context_steps": inputs.context_steps, "block_tokens": inputs.block_tokens, "max_blocks": args.max_blocks,
         "seed": args.seed, "world_size": inputs.world, "device": inputs.device.type,
+        "blocks_per_forward": inputs.blocks_per_forward,
         "blocks": blocks, "positions": positions, "metrics": metrics, "notes": inputs.notes,
         "seconds": seconds, "blocks_per_s": blocks / max(seconds, 1e-9),
         "tokens_per_s": blocks * inputs.block_tokens / max(seconds, 1e-9),

@@ -39,7 +39,7 @@ def evaluate(model, cfg: JobConfig, blocks_BT: torch.Tensor, device: torch.devic
     spec = model_kind(cfg.training.stage)
     lockstep = dist.is_initialized() and dist.get_world_size() > 1
     tally = score_blocks(model, spec.name, blocks_BT, cfg.training.seed, device, rank=rank, world_size=world_size,
-                         lockstep=lockstep, reconstruction=False)
+                         lockstep=lockstep, reconstruction=False, blocks_per_forward=cfg.training.micro_batch_size)
     blocks = blocks_BT.shape[0] * world_size
     loss = tally.sums["loss"] / tally.sums["loss_weight"]
     metrics = {spec.eval_log_loss: loss, "blocks": blocks}

@@ -20,6 +20,12 @@ from calm_dist.models.kinds import model_kind
 from calm_dist.models.scoring import MAX_N
 from calm_dist.ops.brier import BrierAccumulator
 
+# Blocks the baseline scores in one teacher-forced forward (and its rollouts) unless told: more is
+# faster while the (blocks, tokens, vocabulary) logits fit. The trainer's evaluation and calm-eval
+# take the run's training.micro_batch_size (calm-eval --blocks-per-forward).
+BLOCKS_PER_FORWARD = 8
+
+
 def block_seed(seed: int, block_index: int) -> int:
     """Independent, reproducible randomness per (seed, block), whatever rank scores the block."""
     return int(np.random.SeedSequence([seed, block_index]).generate_state(1)[0])
@@ -82,7 +88,25 @@ def score_block(model, kind: str, block_T: torch.Tensor, seed: int, tally: Tally
     rollout = LockstepRollouts(calls=MAX_N - 1) if lockstep else None
     score = model_kind(kind).score_block(model, block_T, seed, reconstruction=reconstruction, rollout=rollout)
     if rollout is not None:
-        rollout.top_up(block_T)
+        rollout.top_up(block_T[None])
+    _add(tally, score)
+
+
+@torch.no_grad()
+def score_batch(model, kind: str, blocks_BT: torch.Tensor, seeds: list[int], tally: Tally, *,
+                lockstep: bool = False) -> None:
+    """Add the figures of several blocks scored together (a kind with `score_batch`): the same as
+    `score_block` on each with its seed, in fewer, larger forwards."""
+    seed_streams(seeds[0], blocks_BT.device)  # (the baseline draws only from its per-block generators)
+    rollout = LockstepRollouts(calls=MAX_N - 1) if lockstep else None
+    scores = model_kind(kind).score_batch(model, blocks_BT, seeds, rollout=rollout)
+    if rollout is not None:
+        rollout.top_up(blocks_BT)
+    for score in scores:
+        _add(tally, score)
+
+
+def _add(tally: Tally, score) -> None:
     tally.add("loss", score.loss)
     tally.add("loss_weight", score.loss_weight)
     for name, value in score.scalars.items():
@@ -93,17 +117,28 @@ def score_block(model, kind: str, block_T: torch.Tensor, seed: int, tally: Tally
 
 @torch.no_grad()
 def score_blocks(model, kind: str, blocks_BT: torch.Tensor, seed: int, device: torch.device, *, rank: int = 0,
-                 world_size: int = 1, lockstep: bool = False, reconstruction: bool = True) -> Tally:
+                 world_size: int = 1, lockstep: bool = False, reconstruction: bool = True,
+                 blocks_per_forward: int = BLOCKS_PER_FORWARD) -> Tally:
     """Score this rank's blocks (dealt round robin: its i-th block is block rank + i * world_size of
-    all) and return the tally reduced over every rank. The model is put in eval mode and back, and
-    the caller's random streams are restored."""
+    all) and return the tally reduced over every rank. A kind that scores blocks together (the
+    baseline) takes up to `blocks_per_forward` at a time; its figures do not depend on how many.
+    The model is put in eval mode and back, and the caller's random streams are restored."""
+    if blocks_per_forward < 1:
+        raise ValueError(f"blocks_per_forward must be >= 1, got {blocks_per_forward}")
+    spec = model_kind(kind)
     was_training = model.training
     model.eval()
     tally = Tally()
+    seeds = [block_seed(seed, rank + i * world_size) for i in range(blocks_BT.shape[0])]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for i, block_T in enumerate(blocks_BT.to(device)):
-            score_block(model, kind, block_T, block_seed(seed, rank + i * world_size), tally, lockstep=lockstep,
-                        reconstruction=reconstruction)
+        blocks_BT = blocks_BT.to(device)
+        if spec.score_batch is not None:
+            for first in range(0, blocks_BT.shape[0], blocks_per_forward):
+                group = slice(first, first + blocks_per_forward)
+                score_batch(model, kind, blocks_BT[group], seeds[group], tally, lockstep=lockstep)
+        else:
+            for block_T, block_seed_ in zip(blocks_BT, seeds):
+                score_block(model, kind, block_T, block_seed_, tally, lockstep=lockstep, reconstruction=reconstruction)
     if was_training:
         model.train()
     return tally.reduce(device)

@@ -28,6 +28,7 @@ from calm_dist.models.scoring import (
     BlockScore,
     score_autoencoder_block,
     score_baseline_block,
+    score_baseline_blocks,
     score_calm_block,
 )
 
@@ -51,6 +52,9 @@ class ModelKind:
     probe_tokens: Callable[[JobConfig, int, torch.Generator], torch.Tensor]  # conversion check inputs
     probe_outputs: Probe  # outputs a conversion must reproduce, each after seeding torch with `seed`
     frozen_modules: tuple[str, ...] = ()  # top-level modules that never train
+    # (model, blocks_BT, seeds, rollout=) -> a BlockScore per block, the same as score_block's on
+    # each: several blocks in one forward; None: scored block by block
+    score_batch: Callable[..., list[BlockScore]] | None = None
     # Pipeline split points (the 3d regime): the top-level modules only the model's first chunk
     # keeps and those only its last chunk keeps; None: the kind is not pipelined.
     first_chunk_only: tuple[str, ...] | None = None
@@ -155,6 +159,7 @@ BASELINE = ModelKind(
     reads_chunks=False,
     logged_outputs=(),
     score_block=score_baseline_block,
+    score_batch=score_baseline_blocks,
     brier_family="all",
     loss_name="ce",
     eval_log_loss="loss",

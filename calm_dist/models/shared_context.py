@@ -4,7 +4,9 @@ BrierLM's baseline rollouts (CALM.md §3.3) branch up to three sampled tokens fr
 block whose context the teacher-forced forward has just run: recording that forward's keys and
 values lets each rollout step run only its new tokens (`Backbone.forward_tree`), instead of the
 context again for every branch. Recorded at the core attention's input, so the keys already carry
-their rotary positions and any backend that takes an explicit mask can attend to them.
+their rotary positions and any backend that takes an explicit mask can attend to them. A forward
+of several blocks is kept as one sequence, block after block: a later forward's mask says which
+block each of its steps sees.
 """
 
 from __future__ import annotations
@@ -16,20 +18,25 @@ import torch
 
 
 class SharedContext:
-    """Keys and values of the forward run under `recording()` (batch 1), one pair per layer;
-    forwards run under `attending()` see those steps before their own, their mask covering
-    [their steps, recorded + their steps]."""
+    """Keys and values of the forward run under `recording()`, one pair per layer, its B blocks
+    laid end to end (B x steps_per_block steps); forwards run under `attending()` see those steps
+    before their own, their mask covering [their steps, recorded + their steps]."""
 
     def __init__(self, backbone):
         if not backbone.takes_attention_masks:
             raise ValueError(f"attention backend {backbone.attention_backend!r} takes no explicit masks")
         self._cores = [layer.self_attention.core_attention for layer in backbone.decoder.layers]
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.blocks = 0
 
     @property
     def length(self) -> int:
-        """Steps recorded."""
+        """Steps recorded, over all blocks."""
         return self._kv[0][0].shape[0] if self._kv else 0
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.length // self.blocks if self.blocks else 0
 
     @contextlib.contextmanager
     def _hooks(self, hook_for) -> Iterator[None]:
@@ -44,12 +51,15 @@ class SharedContext:
         """Keep the keys and values (sequence-first, batch 1) the next forward computes."""
         self._kv = [None] * len(self._cores)
 
+        def end_to_end(x_SBHD: torch.Tensor) -> torch.Tensor:
+            steps, blocks = x_SBHD.shape[:2]
+            return x_SBHD.transpose(0, 1).reshape(blocks * steps, 1, *x_SBHD.shape[2:])
+
         def hook_for(i):
             def record(module, args):
-                _, key, value = args[:3]
-                if key.shape[1] != 1:
-                    raise ValueError(f"a shared context is one sequence; this forward has batch {key.shape[1]}")
-                self._kv[i] = (key, value)
+                _, key, value = args[:3]  # sequence-first: (steps, blocks, heads, head dim)
+                self.blocks = key.shape[1]
+                self._kv[i] = (end_to_end(key), end_to_end(value))
 
             return record
 

@@ -10,13 +10,16 @@ N n-gram orders (max_n).
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, Generator, Sequence
 
 import torch
 
 # (starts_A, continuation_AJ) -> (A, V): the next-token distribution after tokens[: start + 1] followed by
 # the row's J sampled tokens, for every row.
 NextTokenProbs = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (blocks_A, starts_A, continuation_AJ) -> (A, V): the same for rows of several blocks, row a continuing block
+# blocks_A[a].
+BlocksNextTokenProbs = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def brierlm_from_means(brier_means: Sequence[float]) -> float:
@@ -177,28 +180,83 @@ def baseline_brier_terms(
     some start is still undiverged, at most max_n - 1 times. `generator` must live on the
     device of `probs_TV`. `starts` defaults to `all_starts`; pass `chunk_aligned_starts` for the aligned variant.
     """
+    rollout = _brier_rollout(probs_TV, tokens_T, generator, max_n, starts)
+    return _drive([rollout], lambda blocks_A, starts_A, continuation_AJ: next_token_probs(starts_A, continuation_AJ))[0]
+
+
+def baseline_brier_terms_blocks(
+    probs_BTV: torch.Tensor,
+    tokens_BT: torch.Tensor,
+    next_token_probs: BlocksNextTokenProbs,
+    generators: Sequence[torch.Generator],
+    max_n: int = 4,
+) -> list[torch.Tensor]:
+    """`baseline_brier_terms` of several blocks at once (every start of each), block b drawing from
+    `generators[b]`: the same terms as block by block, but each rollout step of all the blocks is one
+    `next_token_probs(blocks_A, starts_A, continuation_AJ)` call, row a continuing block blocks_A[a].
+    The blocks' j-th requests all have J = j, so they concatenate."""
+    if not probs_BTV.shape[0] == tokens_BT.shape[0] == len(generators):
+        raise ValueError(f"{probs_BTV.shape[0]} blocks of probabilities, {tokens_BT.shape[0]} of tokens, "
+                         f"{len(generators)} generators")
+    return _drive([_brier_rollout(probs_TV, tokens_T, generator, max_n, None)
+                   for probs_TV, tokens_T, generator in zip(probs_BTV, tokens_BT, generators)], next_token_probs)
+
+
+# A block's rollout: yields (starts_A, continuation_AJ) requests, is sent their (A, V) probabilities,
+# and returns the block's (S, max_n) terms.
+Rollout = Generator[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]
+
+
+def _drive(rollouts: list[Rollout], next_token_probs: BlocksNextTokenProbs) -> list[torch.Tensor]:
+    """Run the blocks' rollouts side by side, one `next_token_probs` call per step for all of them."""
+    terms: list[torch.Tensor | None] = [None] * len(rollouts)
+    pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def advance(block: int, probs_AV: torch.Tensor | None) -> None:
+        try:
+            pending[block] = rollouts[block].send(probs_AV)
+        except StopIteration as done:
+            terms[block] = done.value
+
+    for block in range(len(rollouts)):
+        advance(block, None)
+    while pending:
+        order = sorted(pending)
+        requests = [pending.pop(block) for block in order]
+        starts_A = torch.cat([starts for starts, _ in requests])
+        continuation_AJ = torch.cat([continuation for _, continuation in requests])  # same J: same step
+        blocks_A = torch.cat([torch.full_like(starts, block) for block, (starts, _) in zip(order, requests)])
+        probs_AV = next_token_probs(blocks_A, starts_A, continuation_AJ)
+        for block, probs in zip(order, probs_AV.split([starts.shape[0] for starts, _ in requests])):
+            advance(block, probs)
+    return terms
+
+
+def _brier_rollout(probs_TV: torch.Tensor, tokens_T: torch.Tensor, generator: torch.Generator, max_n: int,
+                   starts: torch.Tensor | None) -> Rollout:
+    """One block's `baseline_brier_terms`, asking for each step's rollout probabilities by `yield`."""
     num_tokens = tokens_T.shape[0]
     starts_S = all_starts(num_tokens, max_n) if starts is None else torch.as_tensor(starts, dtype=torch.long)
     if starts_S.numel() and (starts_S.min() < 0 or starts_S.max() > num_tokens - 1 - max_n):
         raise ValueError(f"starts must lie in [0, {num_tokens - 1 - max_n}] so that every n-gram fits the block")
     if probs_TV.shape[0] < num_tokens - 1:
         raise ValueError(f"need teacher-forced probabilities for at least T-1={num_tokens - 1} positions")
+    device = probs_TV.device
     if starts_S.numel() == 0:
-        return torch.zeros((0, max_n), dtype=torch.float64, device=probs_TV.device)
-    starts_S = starts_S.to(probs_TV.device)
-    tokens_T = tokens_T.to(probs_TV.device)
-    probs_TV = probs_TV.to(torch.float64)
+        return torch.zeros((0, max_n), dtype=torch.float64, device=device)
+    starts_S = starts_S.to(device)
+    tokens_T = tokens_T.to(device)
 
     # Accuracy: exact teacher-forced n-gram probabilities.
-    steps_N = torch.arange(max_n, device=probs_TV.device)
+    steps_N = torch.arange(max_n, device=device)
     rows_SN = starts_S[:, None] + steps_N  # probs row predicting the j-th n-gram token
-    true_probs_SN = probs_TV[rows_SN, tokens_T[rows_SN + 1]]
+    true_probs_SN = probs_TV[rows_SN, tokens_T[rows_SN + 1]].to(torch.float64)
     accuracy_SN = true_probs_SN.cumprod(dim=1)
 
     collision_SN = torch.zeros_like(accuracy_SN)
-    active_A = torch.arange(starts_S.shape[0], device=probs_TV.device)  # indices of undiverged starts
+    active_A = torch.arange(starts_S.shape[0], device=device)  # indices of undiverged starts
     continuation_AJ = tokens_T.new_zeros((starts_S.shape[0], 0))  # s1 tokens sampled so far
-    step_probs_AV = probs_TV[starts_S]
+    step_probs_AV = probs_TV[starts_S].to(torch.float64)
     for step in range(max_n):
         collision_SN[active_A, step] = step_probs_AV.pow(2).sum(dim=-1)
         if step == max_n - 1:
@@ -209,7 +267,8 @@ def baseline_brier_terms(
         if active_A.numel() == 0:
             break  # every start has diverged: all later collision terms are 0
         continuation_AJ = torch.cat([continuation_AJ[still_same_A], draws_A2[still_same_A, :1]], dim=1)
-        step_probs_AV = next_token_probs(starts_S[active_A], continuation_AJ).to(device=probs_TV.device,
-                                                                                  dtype=torch.float64)
+        request = starts_S[active_A], continuation_AJ
+        step_probs_AV = None  # (S, V) at the first step: not held while the other blocks take theirs
+        step_probs_AV = (yield request).to(device=device, dtype=torch.float64)
 
     return 2.0 * accuracy_SN - collision_SN

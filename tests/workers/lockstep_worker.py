@@ -3,8 +3,8 @@
 Each rank holds only its shard of a tiny baseline whose output layer is scaled up (peaked
 distributions, so the two draws often agree and some rollouts go three tokens deep). The ranks
 score different blocks, so their rollouts need different numbers of rows and calls (5 and 4
-here); the lockstep must still pair every gathered forward. Each rank writes `<out>/rank<R>.json`: the reduced Brier terms
-and the number of rollout calls its own blocks needed.
+here); the lockstep must still pair every gathered forward. Each rank writes `<out>/rank<R>_by<N>.json`: the reduced Brier terms
+scoring its blocks one at a time and both in one forward.
 """
 
 from __future__ import annotations
@@ -55,11 +55,12 @@ def main() -> None:
     generator = torch.Generator().manual_seed(1)
     blocks = torch.randint(0, 96, (4, 33), generator=generator)
     mine = blocks[info.rank :: info.world_size]
-    tally = score_blocks(sharded, "baseline", mine, seed=5, device=torch.device("cpu"), rank=info.rank,
-                         world_size=info.world_size, lockstep=True)
-    result = {name: tally.brier[name].state().tolist() for name in tally.brier}
-    result["loss"] = tally.sums["loss"]
-    (args.out / f"rank{info.rank}.json").write_text(json.dumps(result))
+    for blocks_per_forward in (1, 2):  # block by block, and both of a rank's blocks in one forward
+        tally = score_blocks(sharded, "baseline", mine, seed=5, device=torch.device("cpu"), rank=info.rank,
+                             world_size=info.world_size, lockstep=True, blocks_per_forward=blocks_per_forward)
+        result = {name: tally.brier[name].state().tolist() for name in tally.brier}
+        result["loss"] = tally.sums["loss"]
+        (args.out / f"rank{info.rank}_by{blocks_per_forward}.json").write_text(json.dumps(result))
     shutdown_distributed(clean=True)
 
 
