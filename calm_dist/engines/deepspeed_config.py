@@ -91,6 +91,10 @@ def build_ds_config(cfg: JobConfig, on_cuda: bool) -> dict:
         zero["reduce_bucket_size"] = h * h
         zero["stage3_prefetch_bucket_size"] = int(0.9 * h * h)
         zero["stage3_param_persistence_threshold"] = 10 * h
+        # Otherwise DeepSpeed replaces torch.nn.functional.linear for the whole process (at
+        # deepspeed.initialize as well as under zero.Init) with its own autograd function; ZeRO-3
+        # gathers the weights of plain linear layers through its module hooks anyway.
+        zero.setdefault("memory_efficient_linear", False)
     if not on_cuda:
         # CPU runs: offloading to the CPU is meaningless and would JIT-compile DeepSpeedCPUAdam.
         zero.pop("offload_optimizer", None)

@@ -121,10 +121,8 @@ def build_zero_model(cfg: JobConfig, ds_config: dict) -> nn.Module:
     if partitioned_construction(cfg):
         import deepspeed  # lazy: deepspeed picks its accelerator on import, after init_distributed's DS_ACCELERATOR
 
-        # mem_efficient_linear=False: otherwise zero.Init replaces torch.nn.functional.linear for
-        # the whole process.
-        model = build_model(cfg, construction=lambda: deepspeed.zero.Init(
-            config_dict_or_path=ds_config, mem_efficient_linear=False))
+        # (zero.Init takes memory_efficient_linear from the config: build_ds_config turns it off.)
+        model = build_model(cfg, construction=lambda: deepspeed.zero.Init(config_dict_or_path=ds_config))
         if cfg.training.init_weights:
             load_initial_weights_partitioned(model, cfg.training.init_weights, rank=dist.get_rank())
         return model

@@ -44,6 +44,10 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
         import deepspeed.ops  # lazy: deepspeed picks its accelerator on import, so after DS_ACCELERATOR
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        # DeepSpeed's CPU accelerator counts its "devices" by running `numactl --hardware` unless
+        # LOCAL_SIZE is set, and ZeRO-3 asks for that count at every gradient bucket it reduces:
+        # dozens of subprocesses per step. The ranks on this node are the right answer anyway.
+        os.environ.setdefault("LOCAL_SIZE", str(env.local_world_size))
         dev = torch.device("cpu")
 
     # DeepSpeed reads these even when the process group already exists.

@@ -5,7 +5,8 @@ For each model kind, each rank builds the engine partitioned and checks that it 
 shard of every parameter (no whole model was ever needed); rank 0 then gathers the parameters one
 at a time and compares them bit for bit with an unpartitioned build. `--init-weights` does the same
 for training.init_weights (a safetensors file written by the test). Rank 0 writes
-`<out>/result.json`: per kind, the parameters that differ and how many were compared.
+`<out>/result.json`: per kind, the parameters that differ and how many were compared, and whether
+torch.nn.functional.linear is still torch's after the engine was built.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from calm_dist.parallel.state import current_layout, ensure_model_parallel, seed
 
 def compare(cfg, layout, device) -> dict:
     seed_model_building(cfg.training.seed, layout)
+    linear = torch.nn.functional.linear
     engine = build_zero_engine(cfg, layout, device)
+    linear_kept = torch.nn.functional.linear is linear  # DeepSpeed did not replace it process-wide
     seed_model_building(cfg.training.seed, layout)
     whole = build_model(cfg)
     if cfg.training.init_weights:
@@ -42,7 +45,8 @@ def compare(cfg, layout, device) -> dict:
             if not torch.equal(param.data, reference[name].data):
                 differ.append(name)
             compared += 1
-    return {"differ": differ, "not_sharded": not_sharded, "compared": compared, "expected": len(reference)}
+    return {"differ": differ, "not_sharded": not_sharded, "compared": compared, "expected": len(reference),
+            "linear_kept": linear_kept}
 
 
 def main() -> None:
@@ -59,6 +63,11 @@ def main() -> None:
         cfg = validate(load_config([preset], overrides), world_size=info.world_size)
         assert cfg.parallel.zero_init and cfg.parallel.zero_stage == 3
         results[case] = compare(cfg, layout, torch.device("cpu"))
+    # DeepSpeed's CPU accelerator counts the ranks on this node from LOCAL_SIZE (init_distributed),
+    # instead of running numactl at every gradient bucket.
+    from deepspeed.accelerator import get_accelerator
+
+    results["device_count"] = get_accelerator().device_count()
     if info.rank == 0:
         (args.out / "result.json").write_text(json.dumps(results, indent=1))
     shutdown_distributed(clean=True)
