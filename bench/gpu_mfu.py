@@ -56,9 +56,7 @@ def measure(preset: str, backend: str, batch: int, repeats: int) -> dict:
            "tokens_per_s": tokens_per_s, "flops_per_token": flops, "tflops": flops * tokens_per_s / 1e12,
            "peak_tflops": peak, "mfu_percent": mfu_percent(flops, tokens_per_s, peak),
            "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30, "device": name}
-    del model, tokens
-    torch.cuda.empty_cache()
-    return out
+    return out  # the model and its tokens go with this frame; run() then empties the cache
 
 
 def run(quick: bool = False, batch: int = 1) -> BenchResult:
@@ -77,6 +75,7 @@ def run(quick: bool = False, batch: int = 1) -> BenchResult:
                 torch.cuda.empty_cache()
                 result.add(f"{preset}, {backend}: MFU", None, "%", "", None, f"failed: {type(err).__name__}: {err}"[:300])
                 continue
+            torch.cuda.empty_cache()
             result.details["runs"].append(m)
             result.add(f"{preset}, {backend}: MFU (bf16, batch {batch})", m["mfu_percent"], "%", "", None,
                        f"{m['tokens_per_s']:,.0f} tokens/s, {m['tflops']:.0f} TFLOP/s of {m['peak_tflops']}, "
