@@ -75,6 +75,7 @@ def test_a_two_rank_job_log_says_its_layout_and_names_rank_and_host_on_every_lin
     assert "calm_dist.train: job: 2 rank(s) on 1 node(s)" in ours[0]
     assert "stage autoencoder, regime zero3 (TP 1 x PP 1 x DP 2, ZeRO-3); backend gloo on cpu" in ours[0]
     assert f"checkpoints -> {autoencoder.resolve() / 'checkpoints'}" in ours[0]
+    assert "ZeRO-3 on one rank" not in "\n".join(ours)  # two ranks: ZeRO-3 partitions, no advice
     text = "\n".join(lines)
     assert "is not installed" not in text and "are not installed" not in text
     assert "FutureWarning" not in text and "DeprecationWarning" not in text
@@ -83,6 +84,21 @@ def test_a_two_rank_job_log_says_its_layout_and_names_rank_and_host_on_every_lin
     progress = [line for line in lines if "| loss " in line]  # the step and eval lines
     assert progress and all(re.match(r"\[rank0@[\w.-]+\] (eval  )?step \d+/\d+ ", line) for line in progress), progress
     assert not any("[rank1@" in line and "MFU" in line for line in lines)  # a job's note, said once
+
+
+def test_zero3_on_one_rank_is_advised_toward_the_3d_regime():
+    """ZeRO-3 partitions nothing on one rank but still costs its hooks: the job log says so and
+    names the faster regime; nothing is said where ZeRO-3 partitions or another regime runs."""
+    from calm_dist.config import load_config, validate
+    from calm_dist.train import regime_advice
+
+    one_rank = validate(load_config(["tiny_baseline"]), world_size=1)
+    assert "parallel.regime=3d" in regime_advice(one_rank, world_size=1)
+    assert regime_advice(validate(load_config(["tiny_baseline"]), world_size=2), world_size=2) is None
+    three_d = validate(load_config(["tiny_baseline"], ["parallel.regime=3d", "parallel.zero_stage=0"]), world_size=1)
+    assert regime_advice(three_d, world_size=1) is None
+    stage1 = validate(load_config(["tiny_baseline"], ["parallel.zero_stage=1"]), world_size=1)
+    assert regime_advice(stage1, world_size=1) is None
 
 
 @pytest.mark.parametrize("stage", ["calm", "baseline"])
