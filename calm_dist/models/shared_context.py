@@ -48,7 +48,7 @@ class SharedContext:
                 handle.remove()
 
     def recording(self) -> contextlib.AbstractContextManager:
-        """Keep the keys and values (sequence-first, batch 1) the next forward computes."""
+        """Keep the keys and values the next forward computes, its blocks laid end to end."""
         self._kv = [None] * len(self._cores)
 
         def end_to_end(x_SBHD: torch.Tensor) -> torch.Tensor:
