@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from calm_dist.data.corpus import sotu_documents, split_documents
@@ -22,3 +24,36 @@ def sotu_bpe_1k():
     train_docs, held_docs = split_documents(sotu_documents(40))
     tok = train_bpe(train_docs, 1024)
     return tok, _ids(tok, train_docs), _ids(tok, held_docs)
+
+
+
+# Under pytest-xdist (./test.sh runs two workers) each test module runs whole on one worker, so
+# module- and session-scoped fixtures (trained models) are built once per module. The SLURM modules
+# share one unit: they start the same test cluster (one slurmctld port, the /etc/hosts lines of its
+# nodes), which must never run twice at once. (xdist's own `--dist loadgroup` would do this with
+# markers, but under pytest 9 its group suffix never reaches the scheduler.) Listed modules go
+# first, the longest first, so that no long module starts last and leaves the other worker idle;
+# an entry missing here costs only time.
+SHARED_UNITS = {"test_slurm": "slurm", "test_slurm_multinode": "slurm"}
+LONGEST_FIRST = ("test_slurm", "test_slurm_multinode", "test_faults", "test_quickstart", "test_train",
+                 "test_parallel_3d", "test_learning", "test_bench", "test_reference_interop", "test_eval_generate")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: the order inside a module stays
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleUnits(LoadScopeScheduling):
+        """Whole modules (or shared units of them) per worker, in collection order."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return SHARED_UNITS.get(Path(module).stem, module)
+
+    config.option.loadscopereorder = False  # keep LONGEST_FIRST's order
+    return ModuleUnits(config, log)
