@@ -26,7 +26,6 @@ def sotu_bpe_1k():
     return tok, _ids(tok, train_docs), _ids(tok, held_docs)
 
 
-
 # Under pytest-xdist (./test.sh runs two workers) each test module runs whole on one worker, so
 # module- and session-scoped fixtures (trained models) are built once per module. The SLURM modules
 # share one unit: they start the same test cluster (one slurmctld port, the /etc/hosts lines of its
