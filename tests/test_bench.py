@@ -127,6 +127,26 @@ def test_gpu_set_says_it_was_skipped_without_cuda(monkeypatch):
     assert "(skipped)" in report.format_table([result])
 
 
+def test_gpu_set_runs_its_code_on_cpu_beside_transformers_at_each_backbone():
+    """The GPU set's own code (first run on a GPU is its benchmark), run here on the CPU at tiny
+    shapes: calm-dist per backend, transformers' Llama at the same backbone, and generation."""
+    shape = ("model.num_layers=2", "model.hidden_size=64", "model.intermediate_size=128",
+             "model.num_attention_heads=4", "data.seq_length=64", "model.max_position_embeddings=64")
+    result = gpu_mfu.run(quick=True, batch=2, models=["tiny_baseline", "tiny_calm"], device=torch.device("cpu"),
+                         overrides=shape)
+    assert not [f for f in result.figures if f.note.startswith("failed")]
+    runs = result.details["runs"]
+    for preset, peer_positions in (("tiny_baseline", 64), ("tiny_calm", 64)):
+        ours = [r for r in runs if r.get("preset") == preset and "generation" not in r]
+        assert {r["backend"] for r in ours} == {*gpu_mfu.available_backends(), "transformers (sdpa)"}
+        (peer,) = [r for r in ours if r["backend"].startswith("transformers")]
+        assert peer["peer_shape"] == {"num_layers": 2, "hidden_size": 64, "seq_length": peer_positions}
+        assert all(r["tokens_per_s"] > 0 for r in ours)
+    generation = [r for r in runs if "generation" in r]
+    assert len(generation) == 4 and all(r["ratio"] > 0 for r in generation)
+    assert all(0 <= r["greedy_agreement"] <= 1 for r in generation if r["generation"] == "greedy")
+
+
 def test_brier_eval_bench_scores_the_same_terms_both_ways_and_reports_the_ratio():
     result = brier_eval.run(contexts=[24], blocks=2)
     (figure,) = result.figures
