@@ -115,7 +115,14 @@ def measure(ours, peer, batch: int, new_tokens: int, greedy: bool, repeats: int,
     return {"batch": batch, "greedy": greedy, "new_tokens": new_tokens, "device": str(device),
             "ours_tokens_per_s": tokens / seconds["ours"], "transformers_tokens_per_s": tokens / seconds["peer"],
             "ratio": seconds["peer"] / seconds["ours"], "greedy_identical": all(same_rows) if greedy else None,
-            "greedy_agreement": sum(same_rows) / batch if greedy else None}
+            "greedy_agreement": sum(same_rows) / batch if greedy else None,
+            "greedy_common_prefix": _mean_common_prefix(out["ours"].tokens, peer_tokens) if greedy else None}
+
+
+def _mean_common_prefix(rows_a, rows_b) -> float:
+    """Mean number of leading tokens two generators agree on, per row (where a near-tie first flips)."""
+    lengths = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(rows_a, rows_b)]
+    return sum(lengths) / len(lengths)
 
 
 def run(quick: bool = False, configs: list[str] | None = None, new_tokens: int | None = None,

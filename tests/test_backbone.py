@@ -257,7 +257,7 @@ def _cuda_backbone_or_skip(cfg: ModelConfig, backend: str):
     from calm_dist.models.attention import AttentionBackendUnavailable
 
     try:
-        return backbone(cfg, backend, params_dtype=torch.bfloat16)
+        return backbone(cfg, backend, params_dtype=torch.bfloat16).cuda()
     except AttentionBackendUnavailable as err:  # flash-attn / TE not installed on this machine
         pytest.skip(str(err))
 
@@ -271,7 +271,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("backend", ["sdpa", "flash_attn", "te"])
 def test_backend_matches_local_on_cuda_in_bf16(backend):
     cfg = small_cfg(**GPU_CFG)
-    local = backbone(cfg, "local", params_dtype=torch.bfloat16)
+    local = backbone(cfg, "local", params_dtype=torch.bfloat16).cuda()
     model = _cuda_backbone_or_skip(cfg, backend)
     local_params = dict(local.named_parameters())
     with torch.no_grad():

@@ -86,7 +86,9 @@ def transformer_config(
         output_layer_init_method=init,
         init_method_std=cfg.init_std,
         perform_initialization=True,
-        use_cpu_initialization=not torch.cuda.is_available(),
+        # megatron puts its weights on the current GPU unless told to build on the CPU; follow the
+        # caller's device instead, so that the torch norms and the linears are built together.
+        use_cpu_initialization=torch.get_default_device().type != "cuda",
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
