@@ -120,27 +120,32 @@ def measure_peer(preset: str, batch: int, repeats: int, device=torch.device("cud
 
 def generation_vs_transformers(result: BenchResult, repeats: int, preset: str = GENERATION_PRESET,
                                new_tokens: int = GENERATION_TOKENS, device=torch.device("cuda"),
-                               overrides: tuple[str, ...] = ()) -> None:
+                               overrides: tuple[str, ...] = (), dtype: torch.dtype = torch.bfloat16,
+                               modes: tuple[bool, ...] = (True, False)) -> None:
     """Baseline generation tokens/s on the GPU, calm-dist against `LlamaForCausalLM.generate`, the
-    same bf16 weights, batch 1 and 8, greedy and sampled (bench/peers.py's measurement)."""
+    same weights (bf16; fp32 to check greedy agreement without bf16's rounding), batch 1 and 8,
+    greedy and sampled (bench/peers.py's measurement)."""
     from bench.peers import TARGET, measure as measure_generation, to_transformers
 
     with torch.no_grad():
         ours = build_baseline(job_config(preset, ["training.precision=bf16", *overrides])).eval()
-        peer = to_transformers(ours).to(device=device, dtype=torch.bfloat16)
-        ours = ours.to(device=device, dtype=torch.bfloat16)
+        peer = to_transformers(ours).to(device=device, dtype=dtype)
+        ours = ours.to(device=device, dtype=dtype)
+        precision = str(dtype).replace("torch.", "")
         for batch in (1, 8):
-            for greedy in (True, False):
+            for greedy in modes:
                 m = measure_generation(ours, peer, batch, new_tokens, greedy, repeats, device=str(device),
                                        require_identical=False)
                 mode = "greedy" if greedy else "sampled"
                 result.details["runs"].append({"preset": preset, "generation": mode, **m})
+                result.details["runs"][-1]["dtype"] = precision
                 note = f"{m['ours_tokens_per_s']:,.0f} vs {m['transformers_tokens_per_s']:,.0f} tokens/s"
                 if greedy:
                     note += (f"; {m['greedy_agreement']:.0%} of rows identical, the first "
-                             f"{m['greedy_common_prefix']:.1f} of {new_tokens} tokens on average (bf16)")
-                result.add(f"{preset}: generation on {device.type}, batch {batch}, {mode}: calm-dist / transformers "
-                           "tokens/s", m["ratio"], "x", f">= {TARGET:g}x", at_least(m["ratio"], TARGET), note)
+                             f"{m['greedy_common_prefix']:.1f} of {new_tokens} tokens on average")
+                result.add(f"{preset}: generation on {device.type} ({precision}), batch {batch}, {mode}: calm-dist / "
+                           "transformers tokens/s", m["ratio"], "x", f">= {TARGET:g}x", at_least(m["ratio"], TARGET),
+                           note)
 
 
 def _add_mfu(result: BenchResult, m: dict) -> None:
@@ -195,8 +200,16 @@ def run(quick: bool = False, batch: int = BATCH, models: list[str] | None = None
                        "x", "", None, f"{best['mfu_percent']:.1f}% vs {peer['mfu_percent']:.1f}%")
     if generation:
         try:
-            generation_vs_transformers(result, repeats, device=device, overrides=overrides,
-                                       **({"preset": "tiny_baseline", "new_tokens": 8} if models else {}))
+            shapes = {"preset": "tiny_baseline", "new_tokens": 8} if models else {}
+            generation_vs_transformers(result, repeats, device=device, overrides=overrides, **shapes)
+            # fp32, TF32 off: do the two generators agree when bf16's rounding cannot flip a near-tie?
+            tf32 = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = False
+            try:
+                generation_vs_transformers(result, 1, device=device, overrides=overrides, dtype=torch.float32,
+                                           modes=(True,), **shapes)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = tf32
         except Exception as err:  # noqa: BLE001
             _failed(result, "generation against transformers", err, device)
     result.seconds = time.perf_counter() - start

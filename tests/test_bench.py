@@ -143,7 +143,8 @@ def test_gpu_set_runs_its_code_on_cpu_beside_transformers_at_each_backbone():
         assert peer["peer_shape"] == {"num_layers": 2, "hidden_size": 64, "seq_length": peer_positions}
         assert all(r["tokens_per_s"] > 0 for r in ours)
     generation = [r for r in runs if "generation" in r]
-    assert len(generation) == 4 and all(r["ratio"] > 0 for r in generation)
+    assert len(generation) == 6 and all(r["ratio"] > 0 for r in generation)
+    assert [r["dtype"] for r in generation] == ["bfloat16"] * 4 + ["float32"] * 2
     assert all(0 <= r["greedy_agreement"] <= 1 for r in generation if r["generation"] == "greedy")
 
 
