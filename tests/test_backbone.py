@@ -302,6 +302,19 @@ def test_kv_cache_on_cuda_in_bf16(backend):
     assert _relative_error(torch.cat(steps, dim=1), full) < 3e-2
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_backbone_is_built_whole_on_the_callers_device():
+    """On a GPU machine megatron would put its linears on the GPU whatever the caller's device;
+    the torch norms follow the default device. Both must land together."""
+    cfg = small_cfg(**GPU_CFG)
+    on_cpu = backbone(cfg, "sdpa")
+    with torch.device("cuda"):
+        on_gpu = backbone(cfg, "sdpa")
+    assert {p.device.type for p in on_cpu.parameters()} == {"cpu"}
+    assert {p.device.type for p in on_gpu.parameters()} == {"cuda"}
+
+
 def test_rope_makes_outputs_depend_on_positions_with_the_configured_base():
     """Without positions, causal attention at the last step is invariant to the order of the
     steps before it; with RoPE it is not. The rotary frequencies use rope_theta."""
