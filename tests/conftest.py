@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from calm_dist.data.corpus import sotu_documents, split_documents
 from calm_dist.data.tokenizer import train_bpe
@@ -36,6 +38,15 @@ def sotu_bpe_1k():
 SHARED_UNITS = {"test_slurm": "slurm", "test_slurm_multinode": "slurm"}
 LONGEST_FIRST = ("test_slurm", "test_slurm_multinode", "test_faults", "test_quickstart", "test_train",
                  "test_parallel_3d", "test_learning", "test_bench", "test_reference_interop", "test_eval_generate")
+
+
+def pytest_configure(config):
+    """Under xdist, each worker takes its share of the cores for torch's intra-op threads. torch's
+    default is every core per process. Two workers would then spin 2x as many OpenMP threads as
+    there are cores, and a single-process test runs several times slower than alone."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
 
 
 def pytest_collection_modifyitems(config, items):
