@@ -46,7 +46,8 @@ def pytest_configure(config):
     there are cores, and a single-process test runs several times slower than alone."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers > 1:
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS
+        torch.set_num_threads(max(1, cores // workers))
 
 
 def pytest_collection_modifyitems(config, items):
