@@ -137,8 +137,7 @@ def generation_vs_transformers(result: BenchResult, repeats: int, preset: str = 
                 m = measure_generation(ours, peer, batch, new_tokens, greedy, repeats, device=str(device),
                                        require_identical=False)
                 mode = "greedy" if greedy else "sampled"
-                result.details["runs"].append({"preset": preset, "generation": mode, **m})
-                result.details["runs"][-1]["dtype"] = precision
+                result.details["runs"].append({"preset": preset, "generation": mode, "dtype": precision, **m})
                 note = f"{m['ours_tokens_per_s']:,.0f} vs {m['transformers_tokens_per_s']:,.0f} tokens/s"
                 if greedy:
                     note += (f"; {m['greedy_agreement']:.0%} of rows identical, the first "
