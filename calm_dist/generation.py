@@ -169,7 +169,7 @@ def _generate_baseline_group(
     prompt_BT = left_pad_prompts(prompts, pad_multiple, model.cfg.bos_token_id).to(device)
     batch = prompt_BT.shape[0]
     cache = model.backbone.new_cache(batch, prompt_BT.shape[1] + max_new_tokens)
-    logits_BV = model.logits(prompt_BT, cache=cache)[:, -1]
+    logits_BV = model.next_token_logits(prompt_BT, cache=cache)
     result = GenerationResult(tokens=[], model_steps=1)
     tokens = []
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -185,7 +185,7 @@ def _generate_baseline_group(
             if bool(finished.all()):
                 break
         if step + 1 < max_new_tokens:
-            logits_BV = model.logits(next_B[:, None], cache=cache)[:, -1]
+            logits_BV = model.next_token_logits(next_B[:, None], cache=cache)
             result.model_steps += 1
     result.tokens = _cut_at_eos(torch.stack(tokens, dim=1).cpu(), eos_id, max_new_tokens)
     return result

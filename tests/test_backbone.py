@@ -73,12 +73,13 @@ def test_later_steps_do_not_change_earlier_outputs():
 
 @pytest.mark.parametrize("backend", ["sdpa", "local"])
 @pytest.mark.parametrize("num_query_groups", [0, 2])
-def test_kv_cached_steps_equal_the_full_forward(backend, num_query_groups):
+@pytest.mark.parametrize("path", ["plain", "megatron"])
+def test_kv_cached_steps_equal_the_full_forward(backend, num_query_groups, path):
     model = backbone(small_cfg(num_query_groups=num_query_groups), backend).eval()
     x = inputs(batch=3, steps=10)
     with torch.no_grad():
         full = model(x)
-        cache = model.new_cache(batch_size=3, max_steps=16)
+        cache = model.new_cache(batch_size=3, max_steps=16, path=path)
         steps = [model(x[:, :4], cache)] + [model(x[:, i : i + 1], cache) for i in range(4, 10)]
         assert cache.length == 10
         torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
@@ -88,13 +89,42 @@ def test_kv_cached_steps_equal_the_full_forward(backend, num_query_groups):
         torch.testing.assert_close(two_calls, full, atol=1e-5, rtol=1e-5)
 
 
-def test_kv_cache_refuses_training_mode_and_overflow():
+@pytest.mark.parametrize("path", ["plain", "megatron"])
+def test_kv_cache_refuses_training_mode_and_overflow(path):
     model = backbone(small_cfg(), "sdpa")
     with pytest.raises(RuntimeError, match="eval"):
-        model(inputs(steps=2), model.new_cache(3, 4))
+        model(inputs(steps=2), model.new_cache(3, 4, path=path))
     model.eval()
     with pytest.raises(ValueError, match="do not fit"):
-        model(inputs(steps=5), model.new_cache(3, 4))
+        model(inputs(steps=5), model.new_cache(3, 4, path=path))
+
+
+def test_plain_kv_path_is_the_default_where_it_applies_and_refused_where_not():
+    from calm_dist.models.backbone import BackboneOptions, KVCache
+    from calm_dist.models.plain_decode import PlainKVCache
+
+    model = backbone(small_cfg(), "sdpa").eval()
+    assert isinstance(model.new_cache(2, 8), PlainKVCache)
+    assert isinstance(model.new_cache(2, 8, path="megatron"), KVCache)
+    first_stage = backbone(small_cfg(), "sdpa", options=BackboneOptions(post_process=False))
+    assert isinstance(first_stage.new_cache(2, 8), KVCache)  # a pipeline stage is not the whole decoder
+    with pytest.raises(ValueError, match="path='megatron'"):
+        first_stage.new_cache(2, 8, path="plain")
+    with pytest.raises(ValueError, match="auto, plain or megatron"):
+        model.new_cache(2, 8, path="fast")
+
+
+def test_plain_kv_path_keeps_positions_far_into_a_long_cache():
+    """Keys are stored rotated at their own positions: a late step through the cache equals the
+    full forward there, with RoPE's base small enough that positions matter at every frequency."""
+    model = backbone(small_cfg(max_position_embeddings=64, rope_theta=100.0, num_query_groups=2), "sdpa").eval()
+    x = inputs(batch=2, steps=40)
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_cache(batch_size=2, max_steps=64)
+        model(x[:, :1], cache)
+        steps = [model(x[:, i : i + 3], cache) for i in range(1, 40, 3)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 1:], atol=1e-5, rtol=1e-5)
 
 
 def _reference_attention(q, k, v, allowed):

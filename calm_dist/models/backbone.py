@@ -29,6 +29,7 @@ from megatron.core.utils import init_method_normal
 from calm_dist.config.rules import query_groups
 from calm_dist.config.schema import ModelConfig
 from calm_dist.models.attention import CORE_ATTENTION, resolve_attention_backend
+from calm_dist.models.plain_decode import PlainKVCache, plain_cached_forward, supports_plain_decode
 
 
 @dataclass(frozen=True)
@@ -118,13 +119,13 @@ def layer_spec(backend: str) -> ModuleSpec:
 
 
 class KVCache:
-    """Keys and values of past steps, for generation one step at a time.
+    """Keys and values of past steps through megatron's own layers, for the backbones the plain
+    path (calm_dist/models/plain_decode.py) does not cover: te layers, tensor parallelism.
 
-    Design: this wraps megatron's `StaticInferenceContext` instead of caching inside our attention
-    modules. megatron's `Attention` fills it for every layer, whatever the core attention (te and
-    local included), and keeps RoPE right: it stores keys before rotation and rotates queries at
-    positions [offset, offset + steps) and all cached keys from the full table, so positions
-    continue from the cache length. `Backbone.forward` advances the offset.
+    It wraps megatron's `StaticInferenceContext`, which megatron's `Attention` fills for every
+    layer whatever the core attention, keeping RoPE right: it stores keys before rotation and
+    rotates queries at positions [offset, offset + steps) and all cached keys from the full
+    table, so positions continue from the cache length. `Backbone.forward` advances the offset.
     """
 
     def __init__(self, batch_size: int, max_steps: int):
@@ -184,8 +185,22 @@ class Backbone(torch.nn.Module):
         # caller's choice (the whole model moves together; DeepSpeed does it for training).
         self.to(dtype=params_dtype)
 
-    def new_cache(self, batch_size: int, max_steps: Optional[int] = None) -> KVCache:
-        return KVCache(batch_size, max_steps or self.cfg.max_position_embeddings)
+    def new_cache(self, batch_size: int, max_steps: Optional[int] = None,
+                  path: Literal["auto", "plain", "megatron"] = "auto") -> PlainKVCache | KVCache:
+        """A KV cache for `forward(x, cache)`. `auto` takes the plain-torch path where it applies
+        (one tensor-parallel rank, not te) and megatron's inference path otherwise."""
+        max_steps = max_steps or self.cfg.max_position_embeddings
+        if path == "auto":
+            path = "plain" if supports_plain_decode(self) else "megatron"
+        if path == "plain":
+            if not supports_plain_decode(self):
+                raise ValueError("the plain KV-cache path needs one tensor-parallel rank, the whole decoder "
+                                 f"and a non-te attention backend (this one: {self.attention_backend}); "
+                                 "use path='megatron'")
+            return PlainKVCache(batch_size, max_steps)
+        if path != "megatron":
+            raise ValueError(f"path must be auto, plain or megatron, got {path!r}")
+        return KVCache(batch_size, max_steps)
 
     def set_input_tensor(self, x_SBD: Optional[torch.Tensor]) -> None:
         """The previous pipeline stage's output, read instead of forward()'s input."""
@@ -227,22 +242,24 @@ class Backbone(torch.nn.Module):
             h_SBD = self.decoder(x_SBD, attention_mask=~allowed_SK[None, None], rotary_pos_emb=rotary_SD)
         return h_SBD.transpose(0, 1)
 
-    def forward(self, x_BSD: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cache: Optional[PlainKVCache | KVCache] = None) -> torch.Tensor:
         steps = x_BSD.size(1)
-        x_SBD = x_BSD.transpose(0, 1).contiguous()  # megatron is sequence-first
         if cache is None:
+            x_SBD = x_BSD.transpose(0, 1).contiguous()  # megatron is sequence-first
             return self.forward_sequence_first(x_SBD, steps).transpose(0, 1)
 
         if self.training:
             raise RuntimeError("the KV cache is for generation: call .eval() first")
         if cache.length + steps > cache.max_steps:
             raise ValueError(f"cache holds {cache.max_steps} steps; {cache.length} + {steps} do not fit")
+        if isinstance(cache, PlainKVCache):
+            return plain_cached_forward(self, x_BSD, cache)
         if cache.length > 0 and steps > 1:
             # megatron drops the causal mask type for every call after the prompt (it assumes one
             # new step), so a multi-step extension goes one step at a time.
             return torch.cat([self.forward(x_BSD[:, i : i + 1], cache) for i in range(steps)], dim=1)
         h_SBD = self.decoder(
-            x_SBD,
+            x_BSD.transpose(0, 1).contiguous(),
             attention_mask=None,
             rotary_pos_emb=self.rotary(cache.max_steps),  # the attention slices the positions
             inference_context=cache.context,

@@ -50,6 +50,11 @@ class TokenBaseline(nn.Module):
         """Next-token logits at every position: (B, T, V)."""
         return self.lm_head(self.backbone(self.embed_tokens(tokens_BT), cache=cache))
 
+    def next_token_logits(self, tokens_BT: torch.Tensor, cache=None) -> torch.Tensor:
+        """Logits after the last position only: (B, V). Generation's prefill skips the output
+        layer at the prompt's other positions (B x T x V of work for nothing)."""
+        return self.lm_head(self.backbone(self.embed_tokens(tokens_BT), cache=cache)[:, -1])
+
     # forward = loss_from_hidden(backbone(transformer_inputs(tokens)), tokens); pipeline stages
     # run the three parts on different ranks.
     def transformer_inputs(self, tokens_BT: torch.Tensor) -> torch.Tensor:
