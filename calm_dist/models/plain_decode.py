@@ -93,9 +93,10 @@ def plain_cached_forward(backbone, x_BSD: torch.Tensor, cache: PlainKVCache) -> 
     per_group = heads // groups
     scale = cfg.softmax_scale or head_dim**-0.5  # as the core attention modules default it
     cos_S1D, sin_S1D = cache.cos_SD[start:end, None], cache.sin_SD[start:end, None]
-    # Query i sees every cached key and the new keys up to its own (bottom-right causal).
-    mask_SK = None
-    if steps > 1:
+    # Query i sees every cached key and the new keys up to its own (bottom-right causal). A
+    # prompt into an empty cache is plainly causal, which keeps SDPA's fused kernels on a GPU.
+    mask_SK, is_causal = None, steps > 1 and start == 0
+    if steps > 1 and start > 0:
         mask_SK = torch.ones(steps, end, dtype=torch.bool, device=x_BSD.device).tril(diagonal=start)
     h_BSD = x_BSD
     for index, layer in enumerate(backbone.decoder.layers):
@@ -109,7 +110,7 @@ def plain_cached_forward(backbone, x_BSD: torch.Tensor, cache: PlainKVCache) -> 
         cache.values[index, :, :, start:end] = qkv[:, :, :, per_group + 1].transpose(1, 2)
         out_BHSD = F.scaled_dot_product_attention(
             query_BSHD.transpose(1, 2), cache.keys[index, :, :, :end], cache.values[index, :, :, :end],
-            attn_mask=mask_SK, scale=scale, enable_gqa=groups < heads,
+            attn_mask=mask_SK, is_causal=is_causal, scale=scale, enable_gqa=groups < heads,
         )  # fmt: skip
         h_BSD = h_BSD + F.linear(out_BHSD.transpose(1, 2).reshape(batch, steps, -1), attention.linear_proj.weight)
         # The fused gate/up weight's halves are contiguous views; on a CPU two products on them
