@@ -46,7 +46,13 @@ class PlainKVCache:
         """Forget all steps (the buffers are kept and overwritten)."""
         self._length = 0
 
-    def _allocate(self, backbone, like: torch.Tensor) -> None:
+    def advance(self, steps: int) -> None:
+        self._length += steps
+
+    def allocate_once(self, backbone, like: torch.Tensor) -> None:
+        """The buffers and the rotary table, at the first step (`like`: its inputs)."""
+        if self.keys is not None:
+            return
         cfg = backbone.config
         head_dim = cfg.kv_channels
         shape = (cfg.num_layers, self.batch_size, cfg.num_query_groups, self._max_steps, head_dim)
@@ -86,8 +92,7 @@ def plain_cached_forward(backbone, x_BSD: torch.Tensor, cache: PlainKVCache) -> 
     uncached forward's last steps."""
     cfg = backbone.config
     batch, steps, _ = x_BSD.shape
-    if cache.keys is None:
-        cache._allocate(backbone, x_BSD)
+    cache.allocate_once(backbone, x_BSD)
     start, end = cache.length, cache.length + steps
     heads, groups, head_dim = cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels
     per_group = heads // groups
@@ -119,5 +124,5 @@ def plain_cached_forward(backbone, x_BSD: torch.Tensor, cache: PlainKVCache) -> 
         normed_BSD = layer.pre_mlp_layernorm(h_BSD)
         gate, up = F.linear(normed_BSD, fc1[: cfg.ffn_hidden_size]), F.linear(normed_BSD, fc1[cfg.ffn_hidden_size :])
         h_BSD = h_BSD + F.linear(F.silu(gate) * up, layer.mlp.linear_fc2.weight)
-    cache._length = end
+    cache.advance(steps)
     return backbone.decoder.final_layernorm(h_BSD)
