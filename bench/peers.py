@@ -5,8 +5,8 @@ Users compare a training system with what they already run. The token baseline i
 our weights (mapped by `calm_dist.checkpoint.reference_names.llama_causal_lm_rules`) computes the
 same function. Measured, interleaved in one run:
 
-- generation tokens/s, calm-dist (`calm_dist.generation.generate_baseline`, megatron-core layers,
-  our KV cache) against `LlamaForCausalLM.generate` (its dynamic KV cache), greedy and sampled,
+- generation tokens/s, calm-dist (`calm_dist.generation.generate_baseline`: plain torch calls over
+  the megatron-core layers' weights, its own KV cache; calm_dist/models/plain_decode.py) against `LlamaForCausalLM.generate` (its dynamic KV cache), greedy and sampled,
   batch 1 and 8, the same prompts and number of new tokens; greedy outputs must be identical
   (checked: a mismatch fails the benchmark);
 - training tokens/s on 1 rank: calm-dist's DeepSpeed ZeRO-3 engine and its 3d engine

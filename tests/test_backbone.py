@@ -40,6 +40,16 @@ def inputs(batch: int = 3, steps: int = 10, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, steps, HIDDEN, generator=torch.Generator().manual_seed(seed))
 
 
+def with_distinct_norm_weights(model):
+    """RMSNorm weights start at 1: draw them, so that applying the wrong norm (or none) shows."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name:
+                p.copy_(torch.empty(p.shape).uniform_(0.5, 1.5, generator=g))
+    return model
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "local"])
 def test_forward_backward_gives_finite_grads_everywhere(backend):
     model = backbone(small_cfg(attention_dropout=0.1, hidden_dropout=0.1), backend)
@@ -75,7 +85,7 @@ def test_later_steps_do_not_change_earlier_outputs():
 @pytest.mark.parametrize("num_query_groups", [0, 2])
 @pytest.mark.parametrize("path", ["plain", "megatron"])
 def test_kv_cached_steps_equal_the_full_forward(backend, num_query_groups, path):
-    model = backbone(small_cfg(num_query_groups=num_query_groups), backend).eval()
+    model = with_distinct_norm_weights(backbone(small_cfg(num_query_groups=num_query_groups), backend).eval())
     x = inputs(batch=3, steps=10)
     with torch.no_grad():
         full = model(x)
@@ -117,7 +127,8 @@ def test_plain_kv_path_is_the_default_where_it_applies_and_refused_where_not():
 def test_plain_kv_path_keeps_positions_far_into_a_long_cache():
     """Keys are stored rotated at their own positions: a late step through the cache equals the
     full forward there, with RoPE's base small enough that positions matter at every frequency."""
-    model = backbone(small_cfg(max_position_embeddings=64, rope_theta=100.0, num_query_groups=2), "sdpa").eval()
+    cfg = small_cfg(max_position_embeddings=64, rope_theta=100.0, num_query_groups=2)
+    model = with_distinct_norm_weights(backbone(cfg, "sdpa").eval())
     x = inputs(batch=2, steps=40)
     with torch.no_grad():
         full = model(x)
@@ -125,6 +136,20 @@ def test_plain_kv_path_keeps_positions_far_into_a_long_cache():
         model(x[:, :1], cache)
         steps = [model(x[:, i : i + 3], cache) for i in range(1, 40, 3)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 1:], atol=1e-5, rtol=1e-5)
+
+
+def test_plain_kv_cache_takes_fewer_rows_and_refuses_more():
+    model = with_distinct_norm_weights(backbone(small_cfg(), "sdpa").eval())
+    x = inputs(batch=2, steps=6)
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_cache(batch_size=3, max_steps=8)
+        steps = torch.cat([model(x[:, :3], cache), model(x[:, 3:], cache)], dim=1)
+        torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="batch of 3"):
+            model(inputs(batch=4, steps=1), model.new_cache(batch_size=3, max_steps=8))
+        cache.reset()  # the same cache in another dtype: new buffers
+        torch.testing.assert_close(model.double()(x.double(), cache), full.double(), atol=1e-5, rtol=1e-5)
 
 
 def _reference_attention(q, k, v, allowed):
@@ -322,13 +347,15 @@ def test_backend_matches_local_on_cuda_in_bf16(backend):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("backend", ["sdpa", "flash_attn", "te", "local"])
-def test_kv_cache_on_cuda_in_bf16(backend):
+@pytest.mark.parametrize("path", ["auto", "megatron"])
+def test_kv_cache_on_cuda_in_bf16(backend, path):
     model = _cuda_backbone_or_skip(small_cfg(**GPU_CFG), backend).eval()
     x = torch.randn(2, 24, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(0)).bfloat16()
     with torch.no_grad():
         full = model(x)
-        cache = model.new_cache(batch_size=2, max_steps=32)
-        steps = [model(x[:, :8], cache)] + [model(x[:, i : i + 1], cache) for i in range(8, 24)]
+        cache = model.new_cache(batch_size=2, max_steps=32, path=path)
+        steps = [model(x[:, :8], cache)] + [model(x[:, i : i + 1], cache) for i in range(8, 20)]
+        steps.append(model(x[:, 20:], cache))  # several steps into a filled cache: an explicit mask
     assert _relative_error(torch.cat(steps, dim=1), full) < 3e-2
 
 

@@ -50,8 +50,9 @@ class PlainKVCache:
         self._length += steps
 
     def allocate_once(self, backbone, like: torch.Tensor) -> None:
-        """The buffers and the rotary table, at the first step (`like`: its inputs)."""
-        if self.keys is not None:
+        """The buffers and the rotary table at the first step (`like`: its inputs), again if the
+        inputs' dtype or device has changed since (after `reset()`)."""
+        if self.keys is not None and self.keys.dtype == like.dtype and self.keys.device == like.device:
             return
         cfg = backbone.config
         head_dim = cfg.kv_channels
@@ -65,7 +66,10 @@ class PlainKVCache:
 
 
 def supports_plain_decode(backbone) -> bool:
-    """Whether `plain_cached_forward` computes what megatron's layers compute for this backbone."""
+    """Whether `plain_cached_forward` computes what megatron's layers compute for this backbone.
+    `calm_dist.models.backbone.transformer_config` fixes the rest (full-width RoPE without scaling, dense MLPs,
+    standard softmax, no sliding window); the checks below are the settings a config or a
+    parallel layout can change."""
     cfg = backbone.config
     return (
         backbone.attention_backend != "te"  # te fuses the input norms into its linears
@@ -73,9 +77,14 @@ def supports_plain_decode(backbone) -> bool:
         and cfg.context_parallel_size == 1
         and backbone.options.pre_process
         and backbone.options.post_process
+        and len(backbone.decoder.layers) == cfg.num_layers  # one pipeline stage holds them all
         and not cfg.qk_layernorm
         and not cfg.add_bias_linear
+        and not cfg.add_qkv_bias
         and not cfg.rotary_interleaved
+        and not cfg.apply_residual_connection_post_layernorm
+        and not cfg.fp32_residual_connection
+        and not cfg.num_moe_experts
         and cfg.gated_linear_unit
         and cfg.activation_func is F.silu
     )
@@ -92,6 +101,9 @@ def plain_cached_forward(backbone, x_BSD: torch.Tensor, cache: PlainKVCache) -> 
     uncached forward's last steps."""
     cfg = backbone.config
     batch, steps, _ = x_BSD.shape
+    if batch > cache.batch_size:
+        raise ValueError(f"the KV cache was made for a batch of {cache.batch_size}, not {batch}: "
+                         "make one with new_cache(batch_size)")
     cache.allocate_once(backbone, x_BSD)
     start, end = cache.length, cache.length + steps
     heads, groups, head_dim = cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels
@@ -111,10 +123,11 @@ def plain_cached_forward(backbone, x_BSD: torch.Tensor, cache: PlainKVCache) -> 
         qkv = qkv.view(batch, steps, groups, per_group + 2, head_dim)
         query_BSHD = _rotate(qkv[:, :, :, :per_group].reshape(batch, steps, heads, head_dim), cos_S1D, sin_S1D)
         key_BSGD = _rotate(qkv[:, :, :, per_group], cos_S1D, sin_S1D)
-        cache.keys[index, :, :, start:end] = key_BSGD.transpose(1, 2)
-        cache.values[index, :, :, start:end] = qkv[:, :, :, per_group + 1].transpose(1, 2)
+        keys_BGKD, values_BGKD = cache.keys[index, :batch], cache.values[index, :batch]  # rows in use
+        keys_BGKD[:, :, start:end] = key_BSGD.transpose(1, 2)
+        values_BGKD[:, :, start:end] = qkv[:, :, :, per_group + 1].transpose(1, 2)
         out_BHSD = F.scaled_dot_product_attention(
-            query_BSHD.transpose(1, 2), cache.keys[index, :, :, :end], cache.values[index, :, :, :end],
+            query_BSHD.transpose(1, 2), keys_BGKD[:, :, :end], values_BGKD[:, :, :end],
             attn_mask=mask_SK, is_causal=is_causal, scale=scale, enable_gqa=groups < heads,
         )  # fmt: skip
         h_BSD = h_BSD + F.linear(out_BHSD.transpose(1, 2).reshape(batch, steps, -1), attention.linear_proj.weight)
