@@ -71,6 +71,22 @@ def test_shellcheck(cluster):
         assert proc.returncode == 0, f"{rel}:\n{proc.stdout}"
 
 
+def test_a_second_cluster_on_a_taken_port_is_refused_with_the_fix_named(cluster, tmp_path):
+    """Another cluster's slurmctld holds the port (one left by an interrupted run, say): the start
+    says so at once, instead of waiting for nodes while sinfo reports the other cluster's, and
+    leaves the running cluster alone."""
+    from tests.slurm_utils import CI
+
+    second = {**cluster, "SLURM_CI_BASE": str(tmp_path / "second"), "SLURM_CI_PORT": cluster.get("SLURM_CI_PORT", "6817")}
+    second.pop("SLURM_CONF")
+    proc = _run(["bash", CI, "start"], second, check=False)
+    assert proc.returncode != 0
+    assert "is taken" in proc.stderr and "SLURM_CI_PORT" in proc.stderr, proc.stderr
+    assert not (tmp_path / "second" / "slurmctld.bgpid").exists()  # nothing of its own was started
+    nodes = _run(["sinfo", "-h", "-N", "-o", "%t"], cluster).stdout.split()
+    assert nodes == ["idle"]
+
+
 def test_train_job_completes(cluster, data, tmp_path):
     """srun + torchrun (2 workers, c10d on the first node) under sbatch; COMPLETED, last step saved."""
     run, log = tmp_path / "run", tmp_path / "train.out"

@@ -214,12 +214,19 @@ wait_idle() {
     die "the nodes did not become idle (states: '${st:-none}')"
 }
 
+# Whether something on this host accepts connections on port $1 (slurmctld binds every address).
+port_taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
 start() {
     install_missing
     [[ $(id -u) -eq 0 ]] || die "starting the daemons needs root"
     if alive "$BASE/slurmctld.bgpid"; then
         log "already running (base $BASE)"
     else
+        # Otherwise slurmctld dies with "Address already in use" in its log, and sinfo would
+        # report the other cluster's nodes.
+        ! port_taken "$PORT" || die "port $PORT (slurmctld) is taken: another SLURM cluster runs here (one left" \
+            "from an interrupted test run? stop it with SLURM_CI_BASE=<its base> $0 stop), or set SLURM_CI_PORT"
         ((NODES == 1)) || clear_stale_network
         trap 'log "start failed: tearing down"; stop >&2' EXIT
         # What stop and the node commands need to know about this cluster.
