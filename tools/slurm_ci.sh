@@ -223,11 +223,11 @@ start() {
     if alive "$BASE/slurmctld.bgpid"; then
         log "already running (base $BASE)"
     else
+        ((NODES == 1)) || clear_stale_network
         # Otherwise slurmctld dies with "Address already in use" in its log, and sinfo would
         # report the other cluster's nodes.
         ! port_taken "$PORT" || die "port $PORT (slurmctld) is taken: another SLURM cluster runs here (one left" \
             "from an interrupted test run? stop it with SLURM_CI_BASE=<its base> $0 stop), or set SLURM_CI_PORT"
-        ((NODES == 1)) || clear_stale_network
         trap 'log "start failed: tearing down"; stop >&2' EXIT
         # What stop and the node commands need to know about this cluster.
         mkdir -p "$BASE"
