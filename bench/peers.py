@@ -6,7 +6,8 @@ our weights (mapped by `calm_dist.checkpoint.reference_names.llama_causal_lm_rul
 same function. Measured, interleaved in one run:
 
 - generation tokens/s, calm-dist (`calm_dist.generation.generate_baseline`: plain torch calls over
-  the megatron-core layers' weights, its own KV cache; calm_dist/models/plain_decode.py) against `LlamaForCausalLM.generate` (its dynamic KV cache), greedy and sampled,
+  the megatron-core layers' weights, its own KV cache; calm_dist/models/plain_decode.py) against
+  `LlamaForCausalLM.generate` (its dynamic KV cache), greedy and sampled,
   batch 1 and 8, the same prompts and number of new tokens; greedy outputs must be identical
   (checked: a mismatch fails the benchmark);
 - training tokens/s on 1 rank: calm-dist's DeepSpeed ZeRO-3 engine and its 3d engine

@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from calm_dist.models.attention import bottom_right_causal_mask
+
 
 class PlainKVCache:
     """Rotated keys and values of past steps, [layers, batch, kv heads, max_steps, head_dim] each,
@@ -67,9 +69,9 @@ class PlainKVCache:
 
 def supports_plain_decode(backbone) -> bool:
     """Whether `plain_cached_forward` computes what megatron's layers compute for this backbone.
-    `calm_dist.models.backbone.transformer_config` fixes the rest (full-width RoPE without scaling, dense MLPs,
-    standard softmax, no sliding window); the checks below are the settings a config or a
-    parallel layout can change."""
+    `calm_dist.models.backbone.transformer_config` fixes the rest (full-width RoPE without
+    scaling, dense MLPs, standard softmax, no sliding window); the checks below are the settings
+    a config or a parallel layout can change."""
     cfg = backbone.config
     return (
         backbone.attention_backend != "te"  # te fuses the input norms into its linears
@@ -114,7 +116,7 @@ def plain_cached_forward(backbone, x_BSD: torch.Tensor, cache: PlainKVCache) -> 
     # prompt into an empty cache is plainly causal, which keeps SDPA's fused kernels on a GPU.
     mask_SK, is_causal = None, steps > 1 and start == 0
     if steps > 1 and start > 0:
-        mask_SK = torch.ones(steps, end, dtype=torch.bool, device=x_BSD.device).tril(diagonal=start)
+        mask_SK = bottom_right_causal_mask(steps, end, x_BSD.device)
     h_BSD = x_BSD
     for index, layer in enumerate(backbone.decoder.layers):
         attention = layer.self_attention
