@@ -41,8 +41,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch.distributed as dist
-
 from calm_dist.common.atomic import atomic_write_json
 from calm_dist.common.dist_env import read_dist_env, resolve_device
 from calm_dist.evaluation.blocks import (
@@ -54,7 +52,7 @@ from calm_dist.evaluation.blocks import (
 )
 from calm_dist.evaluation.in_training import rank_slice
 from calm_dist.evaluation.scorer import metrics_from, score_blocks
-from calm_dist.parallel.launch import init_distributed
+from calm_dist.parallel.launch import init_distributed, shutdown_distributed
 from calm_dist.pretrained import load_pretrained
 
 REPORT_FORMAT = "calm-dist-eval"
@@ -149,11 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input fails alike on every rank, before the one collective.
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"calm-eval: error: {message}", file=sys.stderr)
+        shutdown_distributed(clean=False)
         return 2
     metrics, positions, seconds = evaluate(inputs, args.seed)
     report = build_report(args, inputs, metrics, positions, seconds)
-    if dist.is_initialized() and inputs.world > 1:
-        dist.destroy_process_group()
+    shutdown_distributed(clean=True)
     if inputs.rank == 0:
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,10 @@ import torch.distributed as dist
 from calm_dist.common.dist_env import read_dist_env, resolve_device
 
 logger = logging.getLogger(__name__)
+
+# How long the main thread lets collective worker threads finish freeing their last work objects
+# before the interpreter may finalise (see shutdown_distributed).
+_WORKER_THREAD_DRAIN_SECONDS = 0.25
 
 
 @dataclass(frozen=True)
@@ -73,10 +78,17 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
 
 
 def shutdown_distributed(clean: bool) -> None:
-    """Tear the process group down before the interpreter exits (left to interpreter shutdown,
-    gloo's worker threads can be destroyed still joinable: "terminate called without an active
-    exception", SIGABRT, a failed job after a finished run). `clean`: every rank got here, so
-    they first wait for each other; after an error a peer may be gone, so no collective."""
+    """Tear the process group down before the interpreter exits, so that a finished run exits 0.
+    `clean`: every rank got here, so they first wait for each other; after an error a peer may be
+    gone, so no collective.
+
+    Why the pause at the end: a gloo worker thread frees a finished collective's work object a
+    moment after the collective returns to Python, and that frees the Python tensors the work
+    held, which needs the GIL. If the interpreter is already finalising by then, CPython ends the
+    thread mid-destructor and C++ aborts the process ("terminate called without an active
+    exception", SIGABRT: a failed job after a finished run; seen in about 1 of 25 two-rank runs on
+    a loaded 2-core machine, always in Py_FinalizeEx). Neither destroy_process_group nor gloo's
+    shutdown joins those threads, so the main thread releases the GIL for a moment instead."""
     if not dist.is_initialized():
         return
     try:
@@ -85,3 +97,4 @@ def shutdown_distributed(clean: bool) -> None:
         dist.destroy_process_group()
     except Exception as err:  # the run's outcome is decided; a teardown problem must not change it
         logging.getLogger(__name__).warning("process group teardown: %s: %s", type(err).__name__, err)
+    time.sleep(_WORKER_THREAD_DRAIN_SECONDS)
