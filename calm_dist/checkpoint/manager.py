@@ -85,6 +85,8 @@ INCOMPATIBLE_FIELDS = (
 # (calm_dist/checkpoint/reshard.py), but each replica's data position is its own: DP must stay.
 RESHARDABLE_IN_3D = ("parallel.tensor_parallel", "parallel.pipeline_parallel")
 DATA_PARALLEL_SIZE = "derived.data_parallel_size"
+# What ZeRO-3 tiles its optimizer state in when a DeepSpeed config does not say.
+DEEPSPEED_DEFAULT_SUB_GROUP_SIZE = 1_000_000_000
 
 
 class CheckpointMismatch(ValueError):
@@ -405,6 +407,7 @@ class CheckpointManager:
 
         if load_optimizer:
             check_optimizer_groups(meta.get("config", {}), path)
+            check_optimizer_tiling(meta.get("ds_config"), getattr(engine, "ds_config", None), path)
         try:
             loaded = self._load_engine(engine, path, tag, load_optimizer)
         except (CheckpointMismatch, LayoutChangeError, FileNotFoundError):
@@ -518,6 +521,31 @@ def check_optimizer_groups(saved_config: dict, path: Path) -> None:
             "before per-module optimizer groups, which this version cannot load. Resume with "
             "training.load_optimizer=false: the weights, step and data position load, AdamW's moments "
             "and the LR schedule start afresh (warmup again)."
+        )
+
+
+def _sub_group_size(ds_config: dict) -> int:
+    return int(ds_config["zero_optimization"].get("sub_group_size", DEEPSPEED_DEFAULT_SUB_GROUP_SIZE))
+
+
+def check_optimizer_tiling(saved_ds_config: dict | None, current_ds_config: dict | None, path: Path) -> None:
+    """Refuse ZeRO-3 optimizer state tiled in other sub-groups than this run's, before DeepSpeed
+    fails on it with an error that would read as a damaged checkpoint. (calm-dist CPU runs use
+    4M-element sub-groups since they were found to speed up the step; older ones used DeepSpeed's
+    default.) The weights load whatever the tiling."""
+    if not saved_ds_config or not current_ds_config:
+        return
+    stages = {c.get("zero_optimization", {}).get("stage") for c in (saved_ds_config, current_ds_config)}
+    if stages != {3}:
+        return
+    saved, current = _sub_group_size(saved_ds_config), _sub_group_size(current_ds_config)
+    if saved != current:
+        raise CheckpointMismatch(
+            f"{path}: its ZeRO-3 optimizer state is tiled in sub-groups of {saved:,} elements, this run's in "
+            f"{current:,}, and DeepSpeed cannot load one into the other. Either give parallel.ds_preset a "
+            f"preset (a .json path) whose zero_optimization sets \"sub_group_size\": {saved}, or resume with "
+            "training.load_optimizer=false (weights, step and data position load; AdamW's moments and the LR "
+            "schedule start afresh)."
         )
 
 
