@@ -16,6 +16,7 @@ Each launch costs ~10 s on 2 CPU cores, mostly imports: combine checks into one 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -23,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import psutil
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKERS = Path(__file__).resolve().parent / "workers"
@@ -51,7 +54,7 @@ def run_distributed(
       (or a fresh temp dir) so no JIT build lands in the user's cache, the repository on
       PYTHONPATH, PYTHONFAULTHANDLER=1 (a hang killed by the timeout leaves tracebacks); `env`
       entries are added last;
-    - `timeout` (seconds) is hard: the whole process group (torchrun and its workers) is killed;
+    - `timeout` (seconds) is hard: torchrun and every rank under it are killed;
     - `check`: raise AssertionError on a non-zero exit or a timeout, with the output's tail.
       With `check=False` the caller inspects `returncode` (-9 after a timeout).
     Returns the CompletedProcess with stdout and stderr as text.
@@ -80,7 +83,7 @@ def run_distributed(
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         timed_out = True
-        os.killpg(process.pid, signal.SIGKILL)
+        kill_launch(process.pid)
         stdout, stderr = process.communicate()
     result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if check and (timed_out or result.returncode != 0):
@@ -92,6 +95,21 @@ def run_distributed(
         print(report)
         raise AssertionError(report)
     return result
+
+
+def kill_launch(pid: int) -> None:
+    """SIGKILL torchrun (`pid`, the leader of its own process group) and every process under it.
+    torchrun starts each rank in a session of its own, so killing its group alone would leave the
+    ranks running, waiting in a collective and holding memory long after the test."""
+    try:
+        descendants = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    for child in descendants:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
 
 
 def run_worker(name: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
