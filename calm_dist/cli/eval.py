@@ -147,11 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input fails alike on every rank, before the one collective.
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"calm-eval: error: {message}", file=sys.stderr)
-        shutdown_distributed(clean=False)
+        if read_dist_env().world_size > 1:  # only the process group this command started
+            shutdown_distributed(clean=False)
         return 2
     metrics, positions, seconds = evaluate(inputs, args.seed)
     report = build_report(args, inputs, metrics, positions, seconds)
-    shutdown_distributed(clean=True)
+    if inputs.world > 1:  # only the process group this command started
+        shutdown_distributed(clean=True)
     if inputs.rank == 0:
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
