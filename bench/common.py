@@ -4,7 +4,6 @@ two things interleaved in one run (so that a noisy machine slows both alike)."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -103,6 +102,8 @@ def launch_worker(worker: Path, world: int, out: Path, args: Sequence[str], time
                   extra_env: dict[str, str] | None = None) -> None:
     """One torchrun launch of a bench worker (gloo, OMP_NUM_THREADS=1, `extra_env`) writing into
     `out`; a failure or a timeout raises RuntimeError with the start of the traceback."""
+    from calm_dist.common.processes import kill_process_tree
+
     env = dict(os.environ, **(extra_env or {}), OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), TORCH_EXTENSIONS_DIR=str(out / "torch_extensions"))
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
@@ -112,7 +113,7 @@ def launch_worker(worker: Path, world: int, out: Path, args: Sequence[str], time
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        kill_process_tree(process.pid)  # torchrun's ranks run in sessions of their own
         output, _ = process.communicate()
         raise RuntimeError(f"{worker.name} at world {world} timed out after {timeout:.0f} s: {output[-2000:]}")
     if process.returncode != 0:

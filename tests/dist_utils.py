@@ -16,16 +16,15 @@ Each launch costs ~10 s on 2 CPU cores, mostly imports: combine checks into one 
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import psutil
+from calm_dist.common.processes import kill_process_tree
+
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKERS = Path(__file__).resolve().parent / "workers"
@@ -73,7 +72,7 @@ def run_distributed(
         f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
         str(script), *map(str, args),
     ]  # fmt: skip
-    # A new session makes the process group killable as a whole on timeout.
+    # A new session keeps a timeout's kill away from pytest's own process group.
     process = subprocess.Popen(
         command, cwd=REPO_ROOT, env=child_env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
@@ -83,7 +82,7 @@ def run_distributed(
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         timed_out = True
-        kill_launch(process.pid)
+        kill_process_tree(process.pid)
         stdout, stderr = process.communicate()
     result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if check and (timed_out or result.returncode != 0):
@@ -95,21 +94,6 @@ def run_distributed(
         print(report)
         raise AssertionError(report)
     return result
-
-
-def kill_launch(pid: int) -> None:
-    """SIGKILL torchrun (`pid`, the leader of its own process group) and every process under it.
-    torchrun starts each rank in a session of its own, so killing its group alone would leave the
-    ranks running, waiting in a collective and holding memory long after the test."""
-    try:
-        descendants = psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        descendants = []
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
-    for child in descendants:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
 
 
 def run_worker(name: str, *args: str, **kwargs) -> subprocess.CompletedProcess:

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from calm_dist.checkpoint.saved_layout import layout_of
+from calm_dist.common.processes import kill_process_tree
 from calm_dist.training.golden import run_losses as losses
 from tests.dist_utils import REPO_ROOT, free_port
 from tests.train_utils import TINY, child_env, prepared_corpus_overrides, train, train_command
@@ -143,7 +144,7 @@ def test_kill_and_resume_gives_the_same_losses_bit_for_bit(data, autoencoder, tm
             break  # at least two checkpoints written: kill mid-run
         time.sleep(0.02)
     assert proc.poll() is None, "the run finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_process_tree(proc.pid)  # the ranks too, as a node crash would: torchrun runs them in sessions of their own
     proc.wait()
     resumed_from = int(latest.read_text().strip().removeprefix("global_step"))
     assert resumed_from < 30
