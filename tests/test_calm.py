@@ -363,6 +363,34 @@ def test_tree_rollouts_over_several_blocks_see_only_their_own_block(backend):
                 assert torch.allclose(probs, expected, atol=1e-5), (width, (probs - expected).abs().max())
 
 
+def test_a_rollout_forward_attends_only_to_the_blocks_its_rows_continue():
+    """Rows come block after block (as baseline_brier_terms_blocks asks for them): each rollout
+    forward gets the recorded keys of the blocks its rows continue, not every block's, which at
+    long contexts would be most of its attention; the probabilities stay those of each row's path."""
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    model = TokenBaseline(cfg.model).eval()
+    blocks = torch.randint(0, 96, (4, 20))
+    rows = torch.tensor([0, 0, 1, 1, 1, 3, 3])
+    starts = torch.tensor([3, 9, 0, 14, 12, 5, 16])
+    width = 2
+    continuation = blocks[rows[:, None], starts[:, None] + 1 + torch.arange(width)]
+    keys_seen = []
+    core = model.backbone.decoder.layers[0].self_attention.core_attention
+    handle = core.register_forward_hook(lambda module, args, out: keys_seen.append(args[1].shape[0]))
+    with torch.no_grad():
+        teacher, context = teacher_forced(model, blocks)
+        keys_seen.clear()
+        probs = tree_next_token_probs(model, blocks, context, rows_per_forward=3)(rows, starts, continuation)
+    handle.remove()
+    steps = context.steps_per_block
+    # groups of three rows: blocks {0, 1} -> 0..1; {1, 3} -> 1..3; {3} -> 3 alone; then their own steps
+    assert keys_seen == [2 * steps + 3 * width, 3 * steps + 3 * width, steps + width]
+    assert torch.allclose(probs, teacher[rows, starts + width], atol=1e-5)
+    with pytest.raises(ValueError, match="not within the 4 recorded"):
+        context.blocks_span(2, 5)
+
+
 def test_baseline_brier_terms_are_the_same_from_both_rollout_paths():
     """Same seeds, same draws, same terms: the tree forward changes the cost, not the estimator."""
     cfg = tiny_cfg()

@@ -96,9 +96,9 @@ def tree_next_token_probs(model, blocks_BT: torch.Tensor, context: SharedContext
                           rows_per_forward: int = 128) -> BlocksNextTokenProbs:
     """The `next_token_probs` callable for `baseline_brier_terms_blocks` that runs only the sampled
     tokens: up to `rows_per_forward` continuations per forward (`Backbone.forward_tree`), whichever
-    blocks they continue, attending to the blocks' keys and values that `context` recorded in the
-    teacher-forced forward. A call costs ceil(A / rows_per_forward) forwards whatever the rows'
-    lengths (what ZeRO-3's lockstep needs). Same probabilities as `recomputed_next_token_probs` up
+    blocks they continue, attending to the keys and values that `context` recorded in the
+    teacher-forced forward for those blocks only. A call costs ceil(A / rows_per_forward) forwards
+    whatever the rows' lengths (what ZeRO-3's lockstep needs). Same probabilities as `recomputed_next_token_probs` up
     to float rounding (tested)."""
 
     def next_token_probs(blocks_A: torch.Tensor, starts_A: torch.Tensor, continuation_AJ: torch.Tensor) -> torch.Tensor:
@@ -108,11 +108,14 @@ def tree_next_token_probs(model, blocks_BT: torch.Tensor, context: SharedContext
         out = []
         for first in range(0, starts_A.shape[0], rows_per_forward):
             group = slice(first, first + rows_per_forward)
-            continuation_GJ = continuation_AJ[group]
-            positions_S, allowed_SK = rollout_tree(starts_A[group], continuation_GJ, context.length,
-                                                   offsets_A=blocks_A[group] * context.steps_per_block)
+            continuation_GJ, blocks_G = continuation_AJ[group], blocks_A[group]
+            # Rows come block after block: attend only to the blocks this group continues.
+            first_block = int(blocks_G.min())
+            near = context.blocks_span(first_block, int(blocks_G.max()) + 1)
+            positions_S, allowed_SK = rollout_tree(starts_A[group], continuation_GJ, near.length,
+                                                   offsets_A=(blocks_G - first_block) * near.steps_per_block)
             x_1SD = model.embed_tokens(continuation_GJ.flatten())[None]
-            h_SD = model.backbone.forward_tree(x_1SD, positions_S, allowed_SK, context)[0]
+            h_SD = model.backbone.forward_tree(x_1SD, positions_S, allowed_SK, near)[0]
             last_GD = h_SD[width - 1 :: width]  # each row's last token
             out.append(torch.softmax(model.lm_head(last_GD).float(), dim=-1))
         return torch.cat(out)

@@ -12,6 +12,7 @@ block each of its steps sees.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 
 import torch
@@ -37,6 +38,19 @@ class SharedContext:
     @property
     def steps_per_block(self) -> int:
         return self.length // self.blocks if self.blocks else 0
+
+    def blocks_span(self, first: int, end: int) -> SharedContext:
+        """The recorded blocks [first, end) alone, as views (no copy). A forward attending to them
+        runs attention over their steps only: rollout rows that continue these blocks gain nothing
+        from the other blocks' keys, which their masks hide anyway, and at long contexts that
+        attention is most of a rollout forward's work."""
+        if not 0 <= first < end <= self.blocks:
+            raise ValueError(f"blocks [{first}, {end}) are not within the {self.blocks} recorded")
+        steps = self.steps_per_block
+        span = copy.copy(self)
+        span._kv = [(key[first * steps : end * steps], value[first * steps : end * steps]) for key, value in self._kv]
+        span.blocks = end - first
+        return span
 
     @contextlib.contextmanager
     def _hooks(self, hook_for) -> Iterator[None]:
