@@ -9,6 +9,8 @@ that the next batches take their place.
 
 from __future__ import annotations
 
+import logging
+
 import psutil
 import torch
 import torch.distributed as dist
@@ -25,7 +27,9 @@ from calm_dist.engines.protocol import NextBatch, OnSkip
 from calm_dist.evaluation.in_training import evaluate
 from calm_dist.models.kinds import model_kind
 from calm_dist.parallel.state import ParallelLayout
-from calm_dist.parallel.zero3 import register_tied_weights
+from calm_dist.parallel.zero3 import mark_gather_blocks, register_tied_weights
+
+logger = logging.getLogger(__name__)
 
 
 def all_ranks_finite(value: torch.Tensor) -> bool:
@@ -44,6 +48,10 @@ class ZeroEngine:
         self.cfg, self.ds_config, self.layout, self.device = cfg, ds_config, layout, device
         self.kind = model_kind(cfg.training.stage)
         optimizer, scheduler = build_optimizer(model, cfg)
+        if ds_config["zero_optimization"]["stage"] == 3 and cfg.parallel.zero3_gather == "block":
+            if units := mark_gather_blocks(model):
+                logger.info("ZeRO-3 gathers by block: %d attention blocks and MLPs, each one unit "
+                         "(parallel.zero3_gather=block)", units)
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                 config=ds_config)
         if self.ds.checkpoint_engine.is_decoupled():

@@ -1,0 +1,43 @@
+"""What ZeRO-3 gathers at once (parallel.zero3_gather): each attention block and MLP as one unit
+(the default) or every linear on its own. The unit changes when parameters are gathered and when
+their gradients are reduced, never the arithmetic: training must give the same losses either way,
+also when the backward recomputes whole layers (a second forward inside the backward) or only the
+core attention."""
+
+from __future__ import annotations
+
+import pytest
+
+from calm_dist.training.golden import run_losses
+from tests.test_zero_init import random_autoencoder
+from tests.train_utils import TINY, prepared_corpus_overrides, train
+
+BLOCK_LOG = "ZeRO-3 gathers by block"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return prepared_corpus_overrides(tmp_path_factory.mktemp("data"))
+
+
+@pytest.mark.parametrize("recompute", ["full", "selective"])
+def test_calm_on_two_ranks_trains_alike_gathered_by_block_or_by_linear(data, tmp_path, recompute):
+    shape = [o for o in TINY if o.startswith(("model.", "autoencoder."))]
+    ae = random_autoencoder(tmp_path / "ae", [*data, *shape])
+    losses, logs = {}, {}
+    for gather in ("block", "linear"):
+        out = tmp_path / gather
+        proc = train(data, "tiny_calm", out, "training.train_steps=3", "training.eval_interval=1000",
+                     f"training.autoencoder_path={ae}", f"parallel.zero3_gather={gather}",
+                     f"parallel.activation_recompute={recompute}", nproc=2)
+        losses[gather], logs[gather] = run_losses(out), proc.stdout + proc.stderr
+    assert sorted(losses["block"]) == [1, 2, 3]
+    assert losses["block"] == losses["linear"]
+    # 2 layers: 2 attention blocks and 2 MLPs
+    assert f"{BLOCK_LOG}: 4 attention blocks and MLPs" in logs["block"] and BLOCK_LOG not in logs["linear"]
+
+
+def test_an_unknown_gather_unit_is_refused_naming_the_choices(data, tmp_path):
+    proc = train(data, "tiny_baseline", tmp_path / "bad", "parallel.zero3_gather=layer", check=False)
+    assert proc.returncode != 0
+    assert "parallel.zero3_gather must be one of 'block', 'linear', got 'layer'" in proc.stderr
