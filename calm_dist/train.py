@@ -57,7 +57,7 @@ def regime_advice(cfg, world_size: int) -> str | None:
     1-rank step is 0.87-0.93x of a plain loop on a CPU; docs/performance.md)."""
     par = cfg.parallel
     if par.regime == "zero3" and par.zero_stage == 3 and world_size == 1:
-        return ("note: ZeRO-3 on one rank partitions nothing and its hooks still cost 5-15% per step; "
+        return ("note: ZeRO-3 on one rank partitions nothing and its hooks still cost 5-10% per step; "
                 "parallel.regime=3d trains the same model faster on one rank")
     return None
 
