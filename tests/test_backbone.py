@@ -384,4 +384,23 @@ def test_rope_makes_outputs_depend_on_positions_with_the_configured_base():
     assert not torch.allclose(last, last_permuted, atol=1e-4)
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     expected = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    assert torch.allclose(model.rotary.inv_freq.float().cpu(), expected)
+    angles = model.rotary(4)  # [steps, 1, 1, head_dim]: position p's angles are p * inv_freq, twice
+    assert angles.shape == (4, 1, 1, head_dim)
+    assert torch.allclose(angles[1, 0, 0], torch.cat([expected, expected]))
+    assert torch.allclose(angles[3, 0, 0], 3 * torch.cat([expected, expected]))
+
+
+@pytest.mark.parametrize("head_dim,base", [(16, 10000.0), (64, 10000.0), (128, 500000.0)])
+def test_our_rope_table_is_megatrons_bit_for_bit(head_dim, base):
+    """calm_dist/models/rope.py replaces megatron's RotaryEmbedding (which moves its frequencies to
+    the current CUDA device whatever the model's): the same float32 numbers, exactly."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from calm_dist.models.rope import rope_angles
+
+    ensure_model_parallel()
+    theirs = RotaryEmbedding(kv_channels=head_dim, rotary_percent=1.0, rotary_base=base, use_cpu_initialization=True)
+    for steps in (1, 7, 2048):
+        assert torch.equal(rope_angles(steps, head_dim, base, torch.device("cpu")), theirs(steps))
+    # asked for another device, it is made there (megatron's would go to the current CUDA device)
+    assert rope_angles(5, head_dim, base, torch.device("meta")).device.type == "meta"

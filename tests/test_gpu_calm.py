@@ -47,3 +47,21 @@ def test_3d_engine_steps_in_bf16_on_one_gpu():
     tokens = torch.randint(1, 4000, (cfg.training.micro_batch_size, cfg.derived.block_tokens), device="cuda")
     losses = [engine.train_batch([tokens])["loss"] for _ in range(5)]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_a_model_left_on_the_cpu_runs_on_a_gpu_machine():
+    """`calm-eval --device cpu` on a GPU node: megatron's RoPE table used to move itself to the
+    current CUDA device at the first forward, whatever the model's device (calm_dist/models/rope.py)."""
+    from calm_dist.models.baseline import TokenBaseline
+
+    ensure_model_parallel()
+    cfg = validate(load_config(["tiny_baseline"], ["model.attention_backend=sdpa"]))
+    torch.manual_seed(0)
+    model = TokenBaseline(cfg.model).eval()
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    tokens = torch.randint(0, cfg.model.vocab_size - 1, (2, 33))
+    with torch.no_grad():
+        on_cpu = model.logits(tokens)
+        on_gpu = model.cuda().logits(tokens.cuda())
+    assert on_cpu.device.type == "cpu" and on_gpu.device.type == "cuda"
+    assert torch.allclose(on_cpu, on_gpu.cpu(), atol=1e-3)

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.inference.contexts import StaticInferenceContext
-from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
@@ -30,6 +29,7 @@ from calm_dist.config.rules import query_groups
 from calm_dist.config.schema import ModelConfig
 from calm_dist.models.attention import CORE_ATTENTION, resolve_attention_backend
 from calm_dist.models.plain_decode import PlainKVCache, plain_cached_forward, supports_plain_decode
+from calm_dist.models.rope import rope_angles
 
 
 @dataclass(frozen=True)
@@ -197,15 +197,15 @@ class Backbone(torch.nn.Module):
             post_process=options.post_process,
             vp_stage=options.vp_stage,
         )
-        self.rotary = RotaryEmbedding(
-            kv_channels=self.config.kv_channels,
-            rotary_percent=1.0,
-            rotary_base=cfg.rope_theta,
-            use_cpu_initialization=self.config.use_cpu_initialization,
-        )
         # megatron builds the torch RMSNorm weights in fp32: match the linears. The device is the
         # caller's choice (the whole model moves together; DeepSpeed does it for training).
         self.to(dtype=params_dtype)
+
+    def rotary(self, steps: int) -> torch.Tensor:
+        """RoPE angles of positions [0, steps) on this backbone's device (calm_dist/models/rope.py:
+        megatron's own table would move itself to the current CUDA device)."""
+        device = next(self.decoder.parameters()).device
+        return rope_angles(steps, self.config.kv_channels, self.cfg.rope_theta, device)
 
     def new_cache(self, batch_size: int, max_steps: Optional[int] = None,
                   path: Literal["auto", "plain", "megatron"] = "auto") -> PlainKVCache | KVCache:
