@@ -396,11 +396,12 @@ def test_our_rope_table_is_megatrons_bit_for_bit(head_dim, base):
     the current CUDA device whatever the model's): the same float32 numbers, exactly."""
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    from calm_dist.models.rope import rope_angles
+    from calm_dist.models.rope import RopeTable
 
     ensure_model_parallel()
     theirs = RotaryEmbedding(kv_channels=head_dim, rotary_percent=1.0, rotary_base=base, use_cpu_initialization=True)
+    ours = RopeTable(head_dim, base)
     for steps in (1, 7, 2048):
-        assert torch.equal(rope_angles(steps, head_dim, base, torch.device("cpu")), theirs(steps))
+        assert torch.equal(ours(steps, torch.device("cpu")), theirs(steps))
     # asked for another device, it is made there (megatron's would go to the current CUDA device)
-    assert rope_angles(5, head_dim, base, torch.device("meta")).device.type == "meta"
+    assert ours(5, torch.device("meta")).device.type == "meta"

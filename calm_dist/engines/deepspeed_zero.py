@@ -51,7 +51,7 @@ class ZeroEngine:
         if ds_config["zero_optimization"]["stage"] == 3 and cfg.parallel.zero3_gather == "block":
             if units := mark_gather_blocks(model):
                 logger.info("ZeRO-3 gathers by block: %d attention blocks and MLPs, each one unit "
-                         "(parallel.zero3_gather=block)", units)
+                            "(parallel.zero3_gather=block)", units)
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                 config=ds_config)
         if self.ds.checkpoint_engine.is_decoupled():

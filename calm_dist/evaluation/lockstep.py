@@ -28,9 +28,11 @@ class LockstepRollouts:
             count = torch.tensor([rows], device=model.embed_tokens.weight.device)
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
             padding = int(count.item()) - rows
-            blocks_A = torch.cat([blocks_A, blocks_A[:1].expand(padding)])
-            starts_A = torch.cat([starts_A, starts_A[:1].expand(padding)])
-            continuation_AJ = torch.cat([continuation_AJ, continuation_AJ[:1].expand(padding, -1)])
+            # Copies of the last row: rows come block after block, and padding from the last block
+            # keeps a rollout forward's rows within as few blocks as before (it attends to theirs).
+            blocks_A = torch.cat([blocks_A, blocks_A[-1:].expand(padding)])
+            starts_A = torch.cat([starts_A, starts_A[-1:].expand(padding)])
+            continuation_AJ = torch.cat([continuation_AJ, continuation_AJ[-1:].expand(padding, -1)])
             return inner(blocks_A, starts_A, continuation_AJ)[:rows]
 
         self.next_token_probs = next_token_probs

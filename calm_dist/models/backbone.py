@@ -29,7 +29,7 @@ from calm_dist.config.rules import query_groups
 from calm_dist.config.schema import ModelConfig
 from calm_dist.models.attention import CORE_ATTENTION, resolve_attention_backend
 from calm_dist.models.plain_decode import PlainKVCache, plain_cached_forward, supports_plain_decode
-from calm_dist.models.rope import rope_angles
+from calm_dist.models.rope import RopeTable
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,8 @@ def layer_spec(backend: str) -> ModuleSpec:
     The slots this decoder leaves empty (query/key norms, cross-attention with its norm and
     residual add) are left out or filled by plain functions instead of megatron's IdentityOp
     modules: the same computation, but ZeRO-3 puts its gather, release and backward hooks on every
-    module a forward calls, parameters or not. That was 20 of the tiny model's 62 hooked modules."""
+    module a forward calls, parameters or not. That was 20 of the tiny model's 62 hooked modules.
+    (megatron's CUDA graphs would want modules in these slots: `transformer_config` keeps them off.)"""
     if backend == "te":
         return get_gpt_layer_with_transformer_engine_spec()
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")  # a fresh spec: safe to edit
@@ -197,6 +198,7 @@ class Backbone(torch.nn.Module):
             post_process=options.post_process,
             vp_stage=options.vp_stage,
         )
+        self._rope = RopeTable(self.config.kv_channels, cfg.rope_theta)  # not state: derived from cfg
         # megatron builds the torch RMSNorm weights in fp32: match the linears. The device is the
         # caller's choice (the whole model moves together; DeepSpeed does it for training).
         self.to(dtype=params_dtype)
@@ -204,8 +206,7 @@ class Backbone(torch.nn.Module):
     def rotary(self, steps: int) -> torch.Tensor:
         """RoPE angles of positions [0, steps) on this backbone's device (calm_dist/models/rope.py:
         megatron's own table would move itself to the current CUDA device)."""
-        device = next(self.decoder.parameters()).device
-        return rope_angles(steps, self.config.kv_channels, self.cfg.rope_theta, device)
+        return self._rope(steps, next(self.decoder.parameters()).device)
 
     def new_cache(self, batch_size: int, max_steps: Optional[int] = None,
                   path: Literal["auto", "plain", "megatron"] = "auto") -> PlainKVCache | KVCache:

@@ -37,9 +37,11 @@ def register_tied_weights(model: nn.Module) -> int:
 
 def mark_gather_blocks(model: nn.Module) -> int:
     """Make each megatron attention block and MLP in `model` a ZeRO-3 leaf module (before
-    deepspeed.initialize, which registers the hooks); returns how many. Both take their input
-    positionally, after a norm with trainable weights, so their full backward hooks wait for the
-    input's gradient, that is for every gradient inside them."""
+    deepspeed.initialize, which registers the hooks); returns how many. Both are called with their
+    input positionally, and that input needs a gradient (it comes from the trainable embedding or
+    input projection through the residual stream, and with the local spec through a norm with
+    trainable weights), so their full backward hooks wait for the input's gradient, that is for
+    every gradient inside them. A unit whose input needed none would have its hook run first."""
     from deepspeed.utils import set_z3_leaf_modules  # lazy: deepspeed picks its accelerator on import
 
     if not any(isinstance(module, (SelfAttention, MLP)) for module in model.modules()):
