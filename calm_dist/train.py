@@ -54,7 +54,7 @@ def describe_job(cfg, info) -> str:
 def regime_advice(cfg, world_size: int) -> str | None:
     """A note for a layout that works but has a faster equivalent: ZeRO-3 on one rank partitions
     nothing, yet its per-module hooks, gradient buckets and flattened optimizer still run (the
-    1-rank step is 0.92-0.94x of a plain loop on a CPU; docs/performance.md)."""
+    1-rank step is 0.87-0.96x of a plain loop on a CPU; docs/performance.md)."""
     par = cfg.parallel
     if par.regime == "zero3" and par.zero_stage == 3 and world_size == 1:
         return ("note: ZeRO-3 on one rank partitions nothing and its hooks still cost 5-10% per step; "
