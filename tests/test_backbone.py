@@ -225,6 +225,23 @@ def test_resolve_attention_backend_on_cpu(caplog):
         resolve_attention_backend("flash", cpu)
 
 
+def test_a_model_loaded_for_the_cpu_of_a_gpu_node_gets_a_cpu_attention_backend(monkeypatch):
+    """`calm-eval --device cpu` on a GPU node with Transformer Engine installed: the backend follows
+    the device the model will run on, not the machine. The GPU and TE are stand-ins (this machine
+    has neither); auto would pick te for a model bound for the GPU."""
+    from calm_dist.config import load_config, validate
+    from calm_dist.models import attention
+    from calm_dist.pretrained import build_for_stage
+
+    apply_cpu_compat()
+    ensure_model_parallel()  # both on the CPU, before the stand-in GPU appears
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(attention, "_importable", lambda name: name == "te")
+    assert attention.resolve_attention_backend("auto", torch.device("cuda")) == "te"
+    cfg = validate(load_config(["tiny_baseline"], ["model.num_layers=1"]))
+    assert build_for_stage(cfg, device="cpu").backbone.attention_backend == "sdpa"
+
+
 def test_cpu_compat_is_applied_once_and_maps_cuda_to_cpu():
     assert apply_cpu_compat() is False  # the fixture already applied it
     assert torch.cuda.current_device() == torch.device("cpu")

@@ -9,7 +9,13 @@ import pytest
 
 from calm_dist.checkpoint.manager import CheckpointMismatch, check_optimizer_tiling
 from calm_dist.config import load_config, validate
-from calm_dist.engines.deepspeed_config import CPU_SUB_GROUP_SIZE, build_ds_config, load_preset, preset_path
+from calm_dist.engines.deepspeed_config import (
+    CPU_SUB_GROUP_SIZE,
+    ONE_RANK_REDUCE_BUCKET,
+    build_ds_config,
+    load_preset,
+    preset_path,
+)
 
 
 def _cfg(*overrides: str):
@@ -45,3 +51,38 @@ def test_zero3_optimizer_state_in_other_sub_groups_is_refused_naming_both_fixes(
     check_optimizer_tiling(None, current, path)  # a checkpoint without a DeepSpeed config (3d regime)
     stage2 = build_ds_config(_cfg("parallel.zero_stage=2"), on_cuda=False)
     check_optimizer_tiling(stage2, json.loads(json.dumps(stage2)) | {"zero_optimization": {"stage": 2, "sub_group_size": 5}}, path)
+
+
+def test_one_rank_zero3_all_reduces_a_larger_bucket_in_place_and_more_ranks_reduce_scatter(tmp_path):
+    one = build_ds_config(validate(load_config(["tiny_baseline"], []), world_size=1), on_cuda=False)["zero_optimization"]
+    assert one["reduce_scatter"] is False and one["reduce_bucket_size"] == ONE_RANK_REDUCE_BUCKET
+    two = build_ds_config(validate(load_config(["tiny_baseline"], []), world_size=2), on_cuda=False)["zero_optimization"]
+    assert "reduce_scatter" not in two and two["reduce_bucket_size"] == 256 * 256  # DeepSpeed's default: scatter
+    preset = load_preset(preset_path(_cfg()))
+    preset["zero_optimization"]["reduce_scatter"] = True
+    path = tmp_path / "scatter.json"
+    path.write_text(json.dumps(preset))
+    kept = build_ds_config(_cfg(f"parallel.ds_preset={path}"), on_cuda=False)["zero_optimization"]
+    assert kept["reduce_scatter"] is True  # a preset's own value stays
+
+
+def test_one_rank_zero3_trains_bit_for_bit_alike_with_or_without_the_scatter(tmp_path):
+    """The all-reduce path at one rank changes how many copies the gradients go through, never
+    their values: the same losses, to the last bit, as DeepSpeed's reduce-scatter path."""
+    from calm_dist.training.golden import run_losses
+    from tests.train_utils import prepared_corpus_overrides, train
+
+    data = prepared_corpus_overrides(tmp_path / "data")
+    preset = load_preset(preset_path(_cfg()))
+    preset["zero_optimization"]["reduce_scatter"] = True
+    scatter = tmp_path / "scatter.json"
+    scatter.write_text(json.dumps(preset))
+    losses = {}
+    for name, extra in (("all_reduce", []), ("scatter", [f"parallel.ds_preset={scatter}"])):
+        out = tmp_path / name
+        train(data, "tiny_baseline", out, "training.train_steps=4", "training.eval_interval=1000", *extra)
+        losses[name] = run_losses(out)
+        saved = json.loads((out / "ds_config.json").read_text())["zero_optimization"]
+        assert saved["reduce_scatter"] is (name == "scatter")
+    assert sorted(losses["all_reduce"]) == [1, 2, 3, 4]
+    assert losses["all_reduce"] == losses["scatter"]

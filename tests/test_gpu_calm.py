@@ -65,3 +65,16 @@ def test_a_model_left_on_the_cpu_runs_on_a_gpu_machine():
         on_gpu = model.cuda().logits(tokens.cuda())
     assert on_cpu.device.type == "cpu" and on_gpu.device.type == "cuda"
     assert torch.allclose(on_cpu, on_gpu.cpu(), atol=1e-3)
+
+
+def test_a_model_loaded_for_the_cpu_of_a_gpu_machine_gets_a_backend_that_runs_there():
+    """The loaders build for the device they were given: with `auto`, a GPU machine with flash-attn
+    or Transformer Engine installed must still give a CPU-bound model a CPU backend."""
+    from calm_dist.pretrained import build_for_stage
+
+    ensure_model_parallel()
+    cfg = validate(load_config(["tiny_baseline"], ["model.attention_backend=auto"]))
+    model = build_for_stage(cfg, device="cpu").eval()
+    assert model.backbone.attention_backend == "sdpa"
+    with torch.no_grad():
+        assert torch.isfinite(model.logits(torch.randint(0, cfg.model.vocab_size - 1, (2, 33)))).all()

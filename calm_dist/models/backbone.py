@@ -42,6 +42,9 @@ class BackboneOptions:
     recompute: Literal["none", "selective", "full"] = "none"  # activation recomputation
     sequence_parallel: bool = False  # activations between TP regions split along the sequence
     vp_stage: Optional[int] = None  # which model chunk of its pipeline rank (interleaved schedule)
+    # Where the model will run ("cpu", "cuda"), which decides the attention backend; None: a CUDA
+    # GPU when there is one. A model evaluated on the CPU of a GPU node must not get a GPU-only one.
+    device_type: Optional[str] = None
 
 
 def _num_query_groups(cfg: ModelConfig) -> int:
@@ -184,7 +187,7 @@ class Backbone(torch.nn.Module):
         options: BackboneOptions = BackboneOptions(),
     ):
         super().__init__()
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(options.device_type or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cfg = cfg
         self.options = options
         self.attention_backend = resolve_attention_backend(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from calm_dist.config.schema import JobConfig
 from calm_dist.data.tokenizer import load_tokenizer
+from calm_dist.models.backbone import BackboneOptions
 from calm_dist.models.kinds import model_kind
 from calm_dist.parallel.state import ensure_model_parallel
 
@@ -28,8 +30,11 @@ def tokenizer_for(cfg: JobConfig):
         return None
 
 
-def build_for_stage(cfg: JobConfig, autoencoder: nn.Module | None = None) -> nn.Module:
+def build_for_stage(cfg: JobConfig, autoencoder: nn.Module | None = None,
+                    device: str | torch.device | None = None) -> nn.Module:
     """An untrained model of the run's kind (weights are loaded afterwards); CALM gets
-    `autoencoder` when given (a converted directory may keep it beside), else a fresh one."""
+    `autoencoder` when given (a converted directory may keep it beside), else a fresh one.
+    `device`: where it will run, which decides the attention backend (None: a GPU when there is one)."""
     ensure_model_parallel()
-    return model_kind(cfg.training.stage).build(cfg, None, autoencoder)
+    options = None if device is None else BackboneOptions(device_type=torch.device(device).type)
+    return model_kind(cfg.training.stage).build(cfg, options, autoencoder)

@@ -46,7 +46,7 @@ def load_converted(
         if not (ae_dir / CONFIG_NAME).is_file():
             raise ConversionError(f"{path}: the referenced autoencoder {ae_dir} (ae_path) is missing")
         autoencoder = load_autoencoder(ae_dir, expected=cfg.autoencoder)
-    model = build_for_stage(cfg, autoencoder)
+    model = build_for_stage(cfg, autoencoder, device=device)
     load_safetensors_into(model, path / WEIGHTS_NAME, skip_prefix=AE_PREFIX if autoencoder is not None else None)
     if dtype is None:
         dtype = getattr(torch, config.get("torch_dtype", "float32"))

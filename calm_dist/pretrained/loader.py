@@ -39,7 +39,7 @@ def load_checkpoint_model(ref: CheckpointRef, device: str | torch.device = "cpu"
     (`consolidate_fp32`, DeepSpeed's eager path), not the converter's lazy one."""
     check_shards(ref)
     cfg = single_process_config(ref.meta()["config"], source=str(ref.path))
-    model = build_for_stage(cfg)
+    model = build_for_stage(cfg, device=device)
     if is_model_parallel(ref):
         weights = merged_model_parallel_weights(ref)
     else:
