@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -66,18 +67,33 @@ def time_call(fn: Callable[[], object], device: torch.device | str = "cpu") -> f
     return time.perf_counter() - start
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
-                     device: torch.device | str = "cpu") -> dict[str, float]:
-    """Best-of-`repeats` seconds per call for each function, the calls interleaved (a, b, a, b, ...)
-    so that load from other jobs falls on all of them alike. The minimum is the least disturbed run."""
+def time_rounds(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                device: torch.device | str = "cpu") -> dict[str, list[float]]:
+    """Seconds of each call in each of `repeats` rounds, the calls interleaved (a, b, a, b, ...)
+    so that load from other jobs falls on all of them alike."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    best = {name: float("inf") for name in fns}
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            best[name] = min(best[name], time_call(fn, device))
-    return best
+            seconds[name].append(time_call(fn, device))
+    return seconds
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                     device: torch.device | str = "cpu") -> dict[str, float]:
+    """Best-of-`repeats` seconds per call for each function (time_rounds). The minimum is the least
+    disturbed run."""
+    return {name: min(times) for name, times in time_rounds(fns, repeats, warmup, device).items()}
+
+
+def paired_ratio(reference_seconds: list[float], our_seconds: list[float]) -> float:
+    """Median over rounds of (reference's time / ours) in the same round. The sides run in turn, so
+    each round's two calls share the machine's state (other jobs, clocks, caches), where the
+    fastest call of each side alone picks one lucky call of either (a 2-3% swing at the peers
+    benchmark's tiny shape)."""
+    return statistics.median(r / o for r, o in zip(reference_seconds, our_seconds, strict=True))
 
 
 def parameter_count(*modules: nn.Module) -> int:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import build_baseline, job_config, launch_worker, time_interleaved
+from bench.common import build_baseline, job_config, launch_worker, paired_ratio, time_rounds
 from bench.construction import add_construction_figures
 from bench.report import BenchResult, at_least
 
@@ -41,7 +41,7 @@ PROMPT_TOKENS = 16
 TARGET = 1.0  # calm-dist / transformers generation tokens/s
 STEP_TARGET = 0.9  # calm-dist / plain loop training tokens/s: within 10%
 # Measured training rounds (one step of each side in turn; paired_ratio). A tiny step takes a
-# fraction of a second, so its rounds are cheap; 4 rounds of d768 take about 80 s.
+# fraction of a second, so its rounds are cheap; 4 rounds of d768 take about 80 s. --quick: half.
 STEPS = {"tiny": 16, "d768": 4}
 STEP_WORKER = Path(__file__).resolve().parent / "workers" / "peer_step_worker.py"
 # (name, preset, overrides): the tiny baseline, and in the full run a 12-layer d-768 one (GPT-2 small's shape).
@@ -109,7 +109,8 @@ def measure(ours, peer, batch: int, new_tokens: int, greedy: bool, repeats: int,
                                     max_new_tokens=new_tokens, min_new_tokens=new_tokens, top_k=None, top_p=None,
                                     temperature=1.0, eos_token_id=None, pad_token_id=ours.cfg.pad_token_id)
 
-    seconds = time_interleaved({"ours": run_ours, "peer": run_peer}, repeats=repeats, warmup=1, device=device)
+    rounds = time_rounds({"ours": run_ours, "peer": run_peer}, repeats=repeats, warmup=1, device=device)
+    seconds = {side: statistics.median(times) for side, times in rounds.items()}
     peer_tokens = out["peer"][:, PROMPT_TOKENS:].tolist()
     assert all(len(row) == new_tokens for row in out["ours"].tokens + peer_tokens)
     same_rows = [a == b for a, b in zip(out["ours"].tokens, peer_tokens)]
@@ -119,7 +120,8 @@ def measure(ours, peer, batch: int, new_tokens: int, greedy: bool, repeats: int,
     tokens = batch * new_tokens
     return {"batch": batch, "greedy": greedy, "new_tokens": new_tokens, "device": str(device),
             "ours_tokens_per_s": tokens / seconds["ours"], "transformers_tokens_per_s": tokens / seconds["peer"],
-            "ratio": seconds["peer"] / seconds["ours"], "greedy_identical": all(same_rows) if greedy else None,
+            "ratio": paired_ratio(rounds["peer"], rounds["ours"]), "rounds": repeats,
+            "greedy_identical": all(same_rows) if greedy else None,
             "greedy_agreement": sum(same_rows) / batch if greedy else None,
             "greedy_common_prefix": _mean_common_prefix(out["ours"].tokens, peer_tokens) if greedy else None}
 
@@ -148,7 +150,7 @@ def run(quick: bool = False, configs: list[str] | None = None, new_tokens: int |
             for batch in (1, 8):
                 for greedy in (True, False):
                     m = measure(ours, peer, batch, new_tokens or (32 if quick else 64), greedy,
-                                repeats or (2 if quick else 3))
+                                repeats or (2 if quick else 5))
                     mode = "greedy" if greedy else "sampled"
                     result.details[f"{name} b{batch} {mode}"] = m
                     note = (f"{m['ours_tokens_per_s']:,.0f} vs {m['transformers_tokens_per_s']:,.0f} tokens/s"
@@ -157,7 +159,7 @@ def run(quick: bool = False, configs: list[str] | None = None, new_tokens: int |
                                m["ratio"], "x", f">= {TARGET:g}x", at_least(m["ratio"], TARGET), note)
             del ours, peer
     for name in names if training_steps != 0 else []:
-        steps = (2 if quick else STEPS[name]) if training_steps is None else training_steps
+        steps = (STEPS[name] // 2 if quick else STEPS[name]) if training_steps is None else training_steps
         training_step(result, name, steps=steps)
     if construction:
         add_construction_figures(result, quick)
@@ -195,9 +197,3 @@ def training_step(result: BenchResult, name: str, steps: int, overrides: tuple[s
                    f"{len(seconds[side])} rounds (fastest steps: {fastest[side]:.3f}x); first losses "
                    f"{losses[side]:.5f} and {losses['peer']:.5f}")
 
-
-def paired_ratio(peer_seconds: list[float], our_seconds: list[float]) -> float:
-    """Median over rounds of (plain loop's step time / ours) in the same round. The sides run in
-    turn, so each round's two steps share the machine's state (other jobs, clocks, caches); the
-    fastest of each side alone picks one lucky step of either (a 2-3% swing at the tiny shape)."""
-    return statistics.median(p / o for p, o in zip(peer_seconds, our_seconds, strict=True))

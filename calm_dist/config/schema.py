@@ -19,7 +19,7 @@ LRSchedule = Literal["constant", "cosine"]
 ProgressBar = Literal["auto", "on", "off"]
 DataVerify = Literal["lazy", "full"]
 Recompute = Literal["none", "selective", "full"]
-Zero3Gather = Literal["block", "linear"]
+Zero3Gather = Literal["layer", "block", "linear"]
 
 
 @dataclass
@@ -131,10 +131,10 @@ class ParallelConfig:
     # zero3 with zero_stage 3: build the model under deepspeed.zero.Init, each module partitioned as
     # soon as it is built, so that no rank ever holds the whole model (ignored otherwise).
     zero_init: bool = True
-    # zero3 with zero_stage 3: what ZeRO-3 gathers at once. block: each attention block and each
-    # MLP as one unit (DeepSpeed leaf modules: one gather and one set of hooks per block); linear:
-    # every linear on its own (DeepSpeed's default; finer prefetching, twice the gathers).
-    zero3_gather: Zero3Gather = "block"
+    # zero3 with zero_stage 3: what ZeRO-3 gathers at once (DeepSpeed leaf modules: one gather and
+    # one set of hooks per unit). layer: each backbone layer; block: each attention block and each
+    # MLP; linear: every linear on its own (DeepSpeed's default; finer prefetching, more gathers).
+    zero3_gather: Zero3Gather = "layer"
 
 
 @dataclass

@@ -99,8 +99,8 @@ def _check_ranges(cfg: JobConfig, world_size: int, p: _Problems) -> None:
     p.require(cfg.parallel.activation_recompute in ("none", "selective", "full"),
               f"parallel.activation_recompute must be none, selective or full, got "
               f"{cfg.parallel.activation_recompute!r}")
-    p.require(cfg.parallel.zero3_gather in ("block", "linear"),
-              f"parallel.zero3_gather must be block or linear, got {cfg.parallel.zero3_gather!r}")
+    p.require(cfg.parallel.zero3_gather in ("layer", "block", "linear"),
+              f"parallel.zero3_gather must be layer, block or linear, got {cfg.parallel.zero3_gather!r}")
     p.require(cfg.parallel.zero_stage in (0, 1, 2, 3),
               f"parallel.zero_stage must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage}")
     p.require(world_size >= 1, f"world_size must be >= 1, got {world_size}")

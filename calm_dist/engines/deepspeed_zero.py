@@ -27,7 +27,7 @@ from calm_dist.engines.protocol import NextBatch, OnSkip
 from calm_dist.evaluation.in_training import evaluate
 from calm_dist.models.kinds import model_kind
 from calm_dist.parallel.state import ParallelLayout
-from calm_dist.parallel.zero3 import mark_gather_blocks, register_tied_weights
+from calm_dist.parallel.zero3 import UNIT_NAMES, mark_gather_units, register_tied_weights
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +48,10 @@ class ZeroEngine:
         self.cfg, self.ds_config, self.layout, self.device = cfg, ds_config, layout, device
         self.kind = model_kind(cfg.training.stage)
         optimizer, scheduler = build_optimizer(model, cfg)
-        if ds_config["zero_optimization"]["stage"] == 3 and cfg.parallel.zero3_gather == "block":
-            if units := mark_gather_blocks(model):
-                logger.info("ZeRO-3 gathers by block: %d attention blocks and MLPs, each one unit "
-                            "(parallel.zero3_gather=block)", units)
+        gather = cfg.parallel.zero3_gather
+        if ds_config["zero_optimization"]["stage"] == 3 and (units := mark_gather_units(model, gather)):
+            logger.info("ZeRO-3 gathers by %s: %d %s, each one unit (parallel.zero3_gather=%s)",
+                        gather, units, UNIT_NAMES[gather], gather)
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                 config=ds_config)
         if self.ds.checkpoint_engine.is_decoupled():

@@ -23,6 +23,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import init_method_normal
 
 from calm_dist.config.rules import query_groups
@@ -124,6 +125,19 @@ def _no_cross_attention_bda(training: bool, fused: bool):
     return lambda hidden_states, residual, dropout_prob: hidden_states  # nothing was added to the stream
 
 
+class PositionalInputLayer(TransformerLayer):
+    """megatron's layer, handed its input positionally. megatron's block calls its layers with
+    keyword arguments only, and torch's full backward hook on a module sees positional inputs only:
+    with none, it runs as soon as the gradient reaches the layer's output, before any gradient
+    inside the layer exists. ZeRO-3 reduces a whole layer's gradients from that hook
+    (`parallel.zero3_gather=layer`). The same computation and state dict."""
+
+    def __call__(self, *args, **kwargs):
+        if not args and "hidden_states" in kwargs:
+            args = (kwargs.pop("hidden_states"),)
+        return super().__call__(*args, **kwargs)
+
+
 def layer_spec(backend: str) -> ModuleSpec:
     """megatron's GPT layer spec with `backend` as core attention.
 
@@ -133,8 +147,11 @@ def layer_spec(backend: str) -> ModuleSpec:
     module a forward calls, parameters or not. That was 20 of the tiny model's 62 hooked modules.
     (megatron's CUDA graphs would want modules in these slots: `transformer_config` keeps them off.)"""
     if backend == "te":
-        return get_gpt_layer_with_transformer_engine_spec()
+        spec = get_gpt_layer_with_transformer_engine_spec()
+        spec.module = PositionalInputLayer
+        return spec
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")  # a fresh spec: safe to edit
+    spec.module = PositionalInputLayer
     attention = spec.submodules.self_attention.submodules
     attention.core_attention = CORE_ATTENTION[backend]
     attention.q_layernorm = attention.k_layernorm = None  # megatron skips a None norm

@@ -5,11 +5,11 @@ table read by another module (the autoencoder's decoder projects onto its input 
 be declared to DeepSpeed as an external parameter of the reading module.
 
 DeepSpeed hooks every module a forward calls: before it (gather), after it (release), and twice in
-the backward, each in Python. A backbone layer's attention block and MLP can be one unit each
-instead (`mark_gather_blocks`), one gather and one set of hooks for their linears together.
-A whole layer cannot: DeepSpeed reduces a unit's gradients from a full backward hook, and megatron
-calls its layers with keyword arguments only, so torch would run that hook before any of the
-layer's weight gradients exist.
+the backward, each in Python. A whole backbone layer, or its attention block and MLP, can be one
+unit instead (`mark_gather_units`): one gather and one set of hooks for everything inside. A unit's
+gradients are reduced from a full backward hook on it, which must wait for the unit's input
+gradient: megatron calls its layers with keyword arguments only, hidden from that hook, so the
+backbone's layers are `PositionalInputLayer`s.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from megatron.core.transformer.mlp import MLP
 from torch import nn
 
 from calm_dist.models.autoencoder import TiedProjection
+from calm_dist.models.backbone import PositionalInputLayer
 
 
 def register_tied_weights(model: nn.Module) -> int:
@@ -35,15 +36,21 @@ def register_tied_weights(model: nn.Module) -> int:
     return count
 
 
-def mark_gather_blocks(model: nn.Module) -> int:
-    """Make each megatron attention block and MLP in `model` a ZeRO-3 leaf module (before
-    deepspeed.initialize, which registers the hooks); returns how many. Both are called with their
-    input positionally, and that input needs a gradient (it comes from the trainable embedding or
-    input projection through the residual stream, and with the local spec through a norm with
-    trainable weights), so their full backward hooks wait for the input's gradient, that is for
-    every gradient inside them. A unit whose input needed none would have its hook run first."""
+# What each parallel.zero3_gather unit is made of (megatron classes; "linear": DeepSpeed's own).
+_UNIT_CLASSES = {"layer": (PositionalInputLayer,), "block": (SelfAttention, MLP)}
+UNIT_NAMES = {"layer": "backbone layers", "block": "attention blocks and MLPs"}
+
+
+def mark_gather_units(model: nn.Module, unit: str) -> int:
+    """Make each of `model`'s modules of the `unit` kind ("layer", "block"; "linear" marks none) a
+    ZeRO-3 leaf module (before deepspeed.initialize, which registers the hooks); returns how many.
+    Each is called with its input positionally (a layer through PositionalInputLayer), and that
+    input needs a gradient (it comes from the trainable embedding or input projection through the
+    residual stream), so its full backward hook waits for the input's gradient, that is for every
+    gradient inside the unit. A unit whose input needed none would have its hook run first."""
     from deepspeed.utils import set_z3_leaf_modules  # lazy: deepspeed picks its accelerator on import
 
-    if not any(isinstance(module, (SelfAttention, MLP)) for module in model.modules()):
+    classes = _UNIT_CLASSES.get(unit, ())
+    if not classes or not any(isinstance(module, classes) for module in model.modules()):
         return 0
-    return len(set_z3_leaf_modules(model, [SelfAttention, MLP]))
+    return len(set_z3_leaf_modules(model, list(classes)))
