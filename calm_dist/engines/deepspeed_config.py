@@ -49,7 +49,7 @@ CPU_SUB_GROUP_SIZE = 4_000_000
 # contiguous gradient bucket in place, where its reduce-scatter path copies every gradient once
 # more, and a bucket of this many elements (8 MB in fp32) reduces a few times per step instead of
 # once per parameter (h*h holds one weight matrix). Same gradients, bit for bit (tested); the tiny
-# one-rank step about 2% faster (bench/peers.py). With more ranks, reduce-scatter moves half the bytes.
+# one-rank step 1-2% faster (bench/peers.py). With more ranks, reduce-scatter moves half the bytes.
 ONE_RANK_REDUCE_BUCKET = 2_000_000
 
 
