@@ -64,11 +64,13 @@ def test_one_rank_zero3_all_reduces_a_larger_bucket_in_place_and_more_ranks_redu
     path.write_text(json.dumps(preset))
     kept = build_ds_config(_cfg(f"parallel.ds_preset={path}"), on_cuda=False)["zero_optimization"]
     assert kept["reduce_scatter"] is True  # a preset's own value stays
+    assert kept["reduce_bucket_size"] == ONE_RANK_REDUCE_BUCKET  # fewer reductions either way
 
 
 def test_one_rank_zero3_trains_bit_for_bit_alike_with_or_without_the_scatter(tmp_path):
     """The all-reduce path at one rank changes how many copies the gradients go through, never
-    their values: the same losses, to the last bit, as DeepSpeed's reduce-scatter path."""
+    their values: the same losses, to the last bit, as DeepSpeed's reduce-scatter path, also when
+    micro-batches' gradients are added up (2 per step)."""
     from calm_dist.training.golden import run_losses
     from tests.train_utils import prepared_corpus_overrides, train
 
@@ -80,9 +82,11 @@ def test_one_rank_zero3_trains_bit_for_bit_alike_with_or_without_the_scatter(tmp
     losses = {}
     for name, extra in (("all_reduce", []), ("scatter", [f"parallel.ds_preset={scatter}"])):
         out = tmp_path / name
-        train(data, "tiny_baseline", out, "training.train_steps=4", "training.eval_interval=1000", *extra)
+        train(data, "tiny_baseline", out, "training.train_steps=4", "training.eval_interval=1000",
+              "training.global_batch_size=8", *extra)
         losses[name] = run_losses(out)
-        saved = json.loads((out / "ds_config.json").read_text())["zero_optimization"]
-        assert saved["reduce_scatter"] is (name == "scatter")
+        saved = json.loads((out / "ds_config.json").read_text())
+        assert saved["zero_optimization"]["reduce_scatter"] is (name == "scatter")
+        assert saved["gradient_accumulation_steps"] == 2
     assert sorted(losses["all_reduce"]) == [1, 2, 3, 4]
     assert losses["all_reduce"] == losses["scatter"]

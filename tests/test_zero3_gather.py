@@ -46,3 +46,26 @@ def test_an_unknown_gather_unit_is_refused_naming_the_choices(data, tmp_path):
     proc = train(data, "tiny_baseline", tmp_path / "bad", "parallel.zero3_gather=module", check=False)
     assert proc.returncode != 0
     assert "parallel.zero3_gather must be one of 'layer', 'block', 'linear', got 'module'" in proc.stderr
+
+
+def test_a_unit_whose_input_needs_no_gradient_is_refused_with_the_fix_named():
+    """A frozen embedding would make DeepSpeed reduce the first layer's gradients before they
+    exist; the unit says so at its forward instead."""
+    import torch
+
+    from calm_dist.config import load_config, validate
+    from calm_dist.models.baseline import TokenBaseline
+    from calm_dist.parallel.state import ensure_model_parallel
+    from calm_dist.parallel.zero3 import mark_gather_units
+
+    ensure_model_parallel()
+    cfg = validate(load_config(["tiny_baseline"], ["model.num_layers=1"]))
+    model = TokenBaseline(cfg.model).train()
+    assert mark_gather_units(model, "layer") == 1
+    tokens = torch.randint(0, cfg.model.vocab_size - 1, (2, 17))
+    model(tokens).loss.backward()  # a trainable input: no complaint
+    model.embed_tokens.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="needs no gradient .*parallel.zero3_gather=linear"):
+        model(tokens)
+    with torch.no_grad():
+        model(tokens)  # evaluation: nothing to reduce

@@ -14,6 +14,7 @@ backbone's layers are `PositionalInputLayer`s.
 
 from __future__ import annotations
 
+import torch
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.mlp import MLP
 from torch import nn
@@ -53,4 +54,18 @@ def mark_gather_units(model: nn.Module, unit: str) -> int:
     classes = _UNIT_CLASSES.get(unit, ())
     if not classes or not any(isinstance(module, classes) for module in model.modules()):
         return 0
-    return len(set_z3_leaf_modules(model, list(classes)))
+    units = set_z3_leaf_modules(model, list(classes))
+    for module in units:
+        module.register_forward_pre_hook(_refuse_an_input_without_gradient)
+    return len(units)
+
+
+def _refuse_an_input_without_gradient(module: nn.Module, args: tuple) -> None:
+    """A unit's gradients would be reduced before they exist (DeepSpeed's cryptic "The size of
+    tensor a (0) must match ..." at the first backward): say what is wrong instead."""
+    if module.training and torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor) \
+            and not args[0].requires_grad:
+        raise ValueError(
+            f"ZeRO-3 unit {type(module).__name__} got an input that needs no gradient (a frozen "
+            "embedding or input projection?): DeepSpeed would reduce its gradients before they exist. "
+            "Use parallel.zero3_gather=linear, or make the input trainable")

@@ -26,7 +26,8 @@ def load_converted(
     allow_missing_tokenizer: bool = False,
     dtype: torch.dtype | None = torch.float32,
 ):
-    """A `calm_dist.pretrained.Pretrained` (model in eval mode) from a converted directory.
+    """A `calm_dist.pretrained.Pretrained` (model in eval mode) from a converted directory, on
+    `device`, which also decides the attention backend (calm_dist.pretrained.load_pretrained).
 
     `dtype`: the model's parameter dtype (default float32, whatever the stored dtype; None keeps
     the stored one). Without tokenizer.json it is an error unless `allow_missing_tokenizer`.

@@ -61,7 +61,11 @@ def load_from_checkpoint(path: str | Path, device: str | torch.device = "cpu", t
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
-    """A converted directory (config.json + safetensors) or a training checkpoint."""
+    """A converted directory (config.json + safetensors) or a training checkpoint, on `device`.
+
+    `device` also decides the attention backend: a model loaded for the CPU gets `sdpa` under
+    `auto` even on a GPU node, and a saved `flash_attn` or `te` is refused there (pass the GPU,
+    e.g. device="cuda", rather than moving a CPU-loaded model afterwards)."""
     path = Path(path)
     if is_reference_dir(path):
         raise ConversionError(f"{path} is in the reference implementation's format: import it first "
