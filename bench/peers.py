@@ -196,4 +196,3 @@ def training_step(result: BenchResult, name: str, steps: int, overrides: tuple[s
                    f"median {tokens / typical[side]:,.0f} vs {tokens / typical['peer']:,.0f} tokens/s over "
                    f"{len(seconds[side])} rounds (fastest steps: {fastest[side]:.3f}x); first losses "
                    f"{losses[side]:.5f} and {losses['peer']:.5f}")
-
